@@ -1,0 +1,1 @@
+"""mvportrait.drivers"""

@@ -1,0 +1,42 @@
+"""Every environment variable mvportrait reads lives here; nowhere else reads ``os.environ``.
+
+=================  =========================================================  ==========
+variable           meaning                                                    default
+=================  =========================================================  ==========
+MVP_KERNELS        kernel dispatch: auto | triton | cpp | ref                 auto
+MVP_BACKEND        network backend: torch | compile | onnxruntime | tensorrt  torch
+MVP_CACHE_DIR      where exported / built artifacts are cached                ~/.cache/mvportrait
+MVP_LOG_LEVEL      log level of the ``mvportrait`` logger in the CLI           INFO
+=================  =========================================================  ==========
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+KERNEL_CHOICES = ("auto", "triton", "cpp", "ref")
+BACKEND_CHOICES = ("torch", "compile", "onnxruntime", "tensorrt")
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(name, default).strip().lower() or default
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def kernels() -> str:
+    """Value of MVP_KERNELS (read at call time so tests can monkeypatch it)."""
+    return _choice("MVP_KERNELS", "auto", KERNEL_CHOICES)
+
+
+def backend() -> str:
+    return _choice("MVP_BACKEND", "torch", BACKEND_CHOICES)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MVP_CACHE_DIR", Path.home() / ".cache" / "mvportrait")).expanduser()
+
+
+def log_level() -> str:
+    return os.environ.get("MVP_LOG_LEVEL", "INFO").upper()
