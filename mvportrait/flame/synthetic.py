@@ -315,7 +315,7 @@ def _skinning_weights(v, nh, ring_of, groove_ring):
     inner = ax < MOUTH_CORNER - 0.004
     jaw = np.where(inner & (ring_of[:nh] <= groove_ring) & (ring_of[:nh] >= 0), 0.0, jaw)
     jaw = np.where(inner & (ring_of[:nh] > groove_ring), 1.0, jaw)
-    jaw *= _smoothstep(-0.03, 0.0, z)  # nothing behind the ears
+    jaw *= _smoothstep(-0.03, 0.0, z) * (1 - _smoothstep(-0.02, 0.0, y))  # nothing behind or above the hinges
     jaw *= _smoothstep(-0.135, -0.105, y) * np.where(z > 0.0, 1.0, _smoothstep(-0.09, -0.075, y))
     root = _smoothstep(-0.13, -0.165, y)
     jaw = np.minimum(jaw, 1 - root)
@@ -440,7 +440,7 @@ def _lid_close(p, side):
     lower = in_x * (1 - _smoothstep(0.005, 0.011, -q[:, 1])) * (q[:, 1] <= -0.0005) * ahead
     ang = np.arctan2(q[:, 1], q[:, 2])  # elevation around the eye's x axis
     r = np.hypot(q[:, 1], q[:, 2])
-    new_ang = ang - 0.62 * upper + 0.10 * lower
+    new_ang = ang - 0.9 * upper + 0.25 * lower
     moved = np.maximum(upper, lower)
     rr = r + (np.maximum(r, EYE_RADIUS + 0.0012) - r) * moved
     out = np.zeros_like(p)

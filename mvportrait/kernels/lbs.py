@@ -39,9 +39,8 @@ def rodrigues(axis_angle: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"axis-angle tensors must end in 3, got shape {tuple(axis_angle.shape)}")
     r = axis_angle
     t2 = (r * r).sum(-1, keepdim=True)
-    t = t2.sqrt()
-    small = t < (1e-4 if r.dtype == torch.float64 else 1e-2)
-    safe_t = torch.where(small, torch.ones_like(t), t)
+    small = t2 < (1e-4 if r.dtype == torch.float64 else 1e-2) ** 2
+    safe_t = torch.where(small, torch.ones_like(t2), t2).sqrt()  # no sqrt(0): finite gradients
     a = torch.where(small, 1 - t2 / 6 + t2 * t2 / 120, torch.sin(safe_t) / safe_t)
     b = torch.where(small, 0.5 - t2 / 24 + t2 * t2 / 720, (1 - torch.cos(safe_t)) / (safe_t * safe_t))
     x, y, z = r.unbind(-1)
