@@ -1,0 +1,5 @@
+import sys
+
+from mvportrait.cli import main
+
+sys.exit(main())

@@ -1,0 +1,72 @@
+"""The command line, called in-process (python -m mvportrait ... behaves the same)."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mvportrait.cli import main
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["synthetic_head"].startswith("FlameModel('synthetic")
+    assert "torch" in info and "MVP_KERNELS" in info
+
+
+def test_render_demo_png_rows_frames_cols_views(tmp_path):
+    out = tmp_path / "grid.png"
+    rc = main(["render", "--demo", "--views", "ring-4", "--size", "48", "--seconds", "1", "--fps", "6",
+               "--out", str(out), "-q"])
+    assert rc == 0
+    img = np.asarray(Image.open(out))
+    assert 4 * 48 <= img.shape[1] < 5 * 48 and 6 * 48 <= img.shape[0] < 7 * 48  # 6 frames x 4 views
+    assert img.std() > 10  # not a blank picture
+
+
+def test_render_mp4_per_view_and_normal_mode(tmp_path):
+    from mvportrait.render.video import read_video
+
+    out = tmp_path / "n.mp4"
+    assert main(["render", "--size", "32", "--seconds", "0.5", "--fps", "8", "--mode", "normal",
+                 "--views", "arc-2", "--per-view", "--out", str(out), "-q"]) == 0
+    frames = read_video(out)
+    assert frames.shape[0] == 4
+    assert (tmp_path / "n_view0.mp4").exists() and (tmp_path / "n_view1.mp4").exists()
+
+
+def test_render_params_file(tmp_path):
+    import torch
+
+    from mvportrait.flame.io import save_sequence
+    from mvportrait.flame.params import FlameParams
+
+    seq = tmp_path / "seq.npz"
+    jaw = torch.zeros(1, 3, 3)
+    jaw[..., 0] = torch.tensor([0.0, 0.15, 0.3])
+    save_sequence(seq, FlameParams(shape=torch.zeros(1, 300), expression=torch.zeros(1, 3, 100), jaw_pose=jaw, fps=10))
+    out = tmp_path / "p.png"
+    assert main(["render", "--params", str(seq), "--size", "32", "--views", "front", "--out", str(out), "-q"]) == 0
+    assert out.exists()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["render", "--out", "x.gif"], "--out"),
+    (["render", "--model", "/nonexistent/flame.pkl", "--out", "x.png"], "no such file"),
+    (["render", "--views", "spiral-3", "--out", "x.png", "--size", "32"], "spiral"),
+    (["render", "--size", "4", "--out", "x.png"], "--size"),
+    (["flame", "convert", "/nonexistent.pkl", "out.npz"], "does not exist"),
+])
+def test_bad_arguments_exit_2_with_message(argv, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and match in err
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_unknown_option_is_rejected():
+    with pytest.raises(SystemExit) as e:
+        main(["render", "--frobnicate"])
+    assert e.value.code == 2
