@@ -14,7 +14,7 @@ CORE = [
 EXTRAS = {
     "export": ["onnx>=1.16", "onnxscript>=0.1", "onnxruntime>=1.18"],
     "gpu": ["triton>=3.6", "cuda-python>=12.0", "onnxruntime-gpu>=1.18", "tensorrt>=10.0"],
-    "dev": ["pytest>=8.0", "scipy>=1.11"],
+    "dev": ["pytest>=8.0", "scipy>=1.11", "diffusers>=0.30"],
 }
 
 setup(
