@@ -1,0 +1,102 @@
+"""Shared benchmark harness: time a callable, write rows to benchmarks/results/*.json.
+
+Row: name, backend, metric, unit, p50, p90, config, device, versions, git_sha. The README's
+tables are generated from these files (``python benchmarks/harness.py --table``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {cpu}, {torch.get_num_threads()} threads"
+
+
+def versions() -> dict:
+    import torch
+
+    import mvportrait
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "mvportrait": mvportrait.__version__}
+
+
+def git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def timeit(fn, *, warmup: int = 2, repeat: int = 10, sync=None) -> list[float]:
+    """Wall-clock seconds of ``repeat`` calls after ``warmup`` calls (``sync`` runs after each)."""
+    for _ in range(warmup):
+        fn()
+        if sync:
+            sync()
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def row(name, backend, metric, unit, samples, config) -> dict:
+    s = sorted(samples)
+    p90 = s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
+    return {"name": name, "backend": backend, "metric": metric, "unit": unit, "p50": statistics.median(s),
+            "p90": p90, "n": len(s), "config": config, "device": device_name(), "versions": versions(),
+            "git_sha": git_sha()}
+
+
+def write(rows: list[dict], filename: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / filename
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def table(paths=None) -> str:
+    """Markdown table of every results file."""
+    lines = ["| benchmark | backend | metric | p50 | p90 | config | device | git |", "|---|---|---|---|---|---|---|---|"]
+    for p in sorted(paths or RESULTS.glob("*.json")):
+        for r in json.loads(Path(p).read_text()):
+            cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items())
+            lines.append(f"| {r['name']} | {r['backend']} | {r['metric']} ({r['unit']}) | {r['p50']:.4g} | "
+                         f"{r['p90']:.4g} | {cfg} | {r['device']} | {r['git_sha']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--table", action="store_true", help="print the markdown table of all results")
+    if ap.parse_args().table:
+        print(table())
