@@ -7,6 +7,7 @@ MVP_KERNELS        kernel dispatch: auto | triton | cpp | ref                 au
 MVP_BACKEND        network backend: torch | compile | onnxruntime | tensorrt  torch
 MVP_CACHE_DIR      where exported / built artifacts are cached                ~/.cache/mvportrait
 MVP_LOG_LEVEL      log level of the ``mvportrait`` logger in the CLI           INFO
+MVP_TEXT_MODEL     text encoder: minilm | hashing | local HF model folder     minilm
 =================  =========================================================  ==========
 """
 from __future__ import annotations
@@ -40,3 +41,12 @@ def cache_dir() -> Path:
 
 def log_level() -> str:
     return os.environ.get("MVP_LOG_LEVEL", "INFO").upper()
+
+
+def text_model() -> str:
+    """Value of MVP_TEXT_MODEL: the text encoder ``load_text_encoder()`` picks when given no name.
+
+    A name (``minilm``, ``hashing``) or the path of a local sentence-transformers / Hugging Face
+    model folder. Nothing is ever downloaded: a folder must already hold the files.
+    """
+    return os.environ.get("MVP_TEXT_MODEL", "").strip() or "minilm"
