@@ -73,15 +73,15 @@ def hair_weight(template: np.ndarray, app: Appearance) -> np.ndarray:
     line = app.hairline_back + (app.hairline_front - app.hairline_back) * _smoothstep(-0.9, 0.75, c)
     side = np.exp(-0.5 * (c / 0.35) ** 2)  # the hairline rises over the ears
     line = line + 0.035 * side
-    return _smoothstep(line - 0.004, line + 0.004, y)
+    return _smoothstep(line - 0.008, line + 0.008, y)
 
 
 def vertex_colors(head: SyntheticHead, app: Appearance) -> np.ndarray:
     """(V, 3) float32 RGB in [0, 1] for the head's template vertices."""
     v = head.template
     reg = head.regions
-    rng = np.random.default_rng(head.seed)
-    col = np.tile(np.asarray(app.skin), (len(v), 1)) * (1 + 0.03 * rng.standard_normal((len(v), 1)))
+    col = np.tile(np.asarray(app.skin), (len(v), 1))
+    col = col * (1 - 0.06 * reg["front_face"][:, None] * np.array([0, 1, 1]))  # a little warmer face
     col = col * (1 - 0.12 * reg["ears"][:, None]) + 0.12 * reg["ears"][:, None] * np.array([0.85, 0.5, 0.45])
     lips = reg["lips"][:, None]
     col = col * (1 - lips) + lips * np.asarray(app.lips)
