@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.func(args)
-    except (CliError, ValueError, TypeError, FileNotFoundError) as e:
+    except (CliError, ValueError, TypeError, OSError, pickle.UnpicklingError) as e:
         if args.verbose:
             raise
         print(f"mvportrait: error: {e}", file=sys.stderr)

@@ -70,3 +70,48 @@ def test_unknown_option_is_rejected():
     with pytest.raises(SystemExit) as e:
         main(["render", "--frobnicate"])
     assert e.value.code == 2
+
+
+def test_flame_convert_pickle_to_npz_and_info(tmp_path, capsys):
+    """A FLAME-layout pickle (plain numpy arrays here; chumpy/scipy objects are covered in
+    tests/flame) converts to npz and loads back with identical arrays."""
+    import pickle
+
+    from mvportrait.flame.io import load_flame
+    from mvportrait.flame.synthetic import synthetic_head
+
+    m = synthetic_head(0, flame_size=True).model
+    a = {k: v.numpy() for k, v in m.arrays().items()}
+    flame = {"v_template": a["v_template"].astype(np.float64), "f": a["faces"].astype(np.uint32),
+             "shapedirs": np.concatenate([a["shapedirs"], a["exprdirs"]], -1).astype(np.float64),
+             "posedirs": a["posedirs"].astype(np.float64), "J_regressor": a["j_regressor"].astype(np.float64),
+             "weights": a["weights"].astype(np.float64),
+             "kintree_table": np.array([[0xFFFFFFFF, 0, 1, 1, 1], [0, 1, 2, 3, 4]], dtype=np.uint32),
+             "bs_style": "lbs", "bs_type": "lrotmin"}
+    src, dst = tmp_path / "generic_model.pkl", tmp_path / "flame.npz"
+    src.write_bytes(pickle.dumps(flame, protocol=2))
+    assert main(["flame", "convert", str(src), str(dst)]) == 0
+    back = load_flame(dst)
+    assert back.n_vertices == 5023 and back.n_shape == 300 and back.n_expr == 100
+    assert back.parents.tolist() == [-1, 0, 1, 1, 1]
+    np.testing.assert_allclose(back.posedirs.numpy(), a["posedirs"], atol=1e-7)
+    capsys.readouterr()
+    assert main(["flame", "info", str(dst)]) == 0
+    assert "vertices=5023" in capsys.readouterr().out
+
+
+def test_flame_convert_refuses_malicious_pickle(tmp_path, capsys):
+    import os
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    src = tmp_path / "model.pkl"
+    src.write_bytes(pickle.dumps({"v_template": Evil()}, protocol=2))
+    assert main(["flame", "convert", str(src), str(tmp_path / "out.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "system" in err and not marker.exists() and not (tmp_path / "out.npz").exists()
