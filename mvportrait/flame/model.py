@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mvportrait import envs
 from mvportrait.flame.params import JOINT_NAMES, FlameParams
 from mvportrait.kernels import lbs as lbs_kernels
 
@@ -139,9 +140,11 @@ class FlameModel:
         p = params.to(device=self.device, dtype=self.dtype)
         dirs = self.blend_dirs(ns, ne)
         coeffs = torch.cat([p.shape, p.expression], -1).reshape(b * t, ns + ne)
+        impl = envs.kernels()
+        impl = "auto" if impl == "cpp" else impl  # there is no C++ LBS: cpp means "best available" here
         verts, joints = lbs_kernels.lbs(coeffs, p.full_pose().reshape(b * t, -1), self.v_template, dirs,
                                         self.posedirs, self.j_regressor, self.parents, self.weights,
-                                        p.translation.reshape(b * t, 3))
+                                        p.translation.reshape(b * t, 3), impl=impl)
         lmk = self.landmarks(verts) if (with_landmarks and self.lmk_faces_idx is not None) else None
         unflat = lambda x: None if x is None else x.reshape(b, t, *x.shape[1:])  # noqa: E731
         return FlameOutput(unflat(verts), unflat(joints), unflat(lmk))

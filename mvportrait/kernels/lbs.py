@@ -1,4 +1,4 @@
-"""Blendshapes + linear blend skinning (LBS) of a FLAME-format head.
+"""Blendshapes + linear blend skinning (LBS) of a FLAME-format head, and posed vertex normals.
 
 Math (FLAME / SMPL, the ``smplx`` package's ``lbs`` is the public reference)::
 
@@ -10,23 +10,65 @@ Math (FLAME / SMPL, the ``smplx`` package's ``lbs`` is the public reference)::
     G_j      = G_parent(j) [R_j | J_j - J_parent(j)]      (root: [R_0 | J_0])
     A_j      = [R^G_j | t^G_j - R^G_j J_j]                rest joint removed
     v        = (sum_j w_vj A_j) [v_posed; 1] + translation
+    n_v      = normalise(sum over faces f of v: (p1 - p0) x (p2 - p0))    area-weighted normals
 
 Tensors: ``coeffs`` (N, K) float, ``pose`` (N, 3J) axis-angle in joint order, ``v_template``
-(V, 3), ``dirs`` (V, 3, K), ``posedirs`` (V, 3, 9(J-1)), ``j_regressor`` (J, V), ``parents``
-(J,) int64 with ``parents[0] == -1`` and ``parents[j] < j``, ``weights`` (V, J),
-``translation`` (N, 3) or None. All float tensors share one dtype and device.
+(V, 3), ``dirs`` (V, 3, K), ``posedirs`` (V, 3, P = 9(J-1)), ``j_regressor`` (J, V),
+``parents`` (J,) int64 with ``parents[0] == -1`` and ``parents[j] < j``, ``weights`` (V, J),
+``translation`` (N, 3) or None. All float tensors share one dtype and device. Outputs: vertices
+(N, V, 3) and posed joints (N, J, 3) in that dtype, contiguous; normals (N, V, 3) when asked.
 
-Cost per mesh (reference): blendshapes 2VK + correctives 2V*9(J-1) + skinning ~ 2V(16J + 12)
-FLOPs; it reads ``dirs`` (12VK bytes in fp32) once per batch, which dominates for K = 400.
+Three implementations, chosen by ``impl`` in :func:`lbs`:
 
-This module holds the reference (``lbs_ref``) and the public, validating entry point
-(``lbs``). Fast paths (Triton / C++) dispatch from ``lbs`` and are checked against ``lbs_ref``.
+* ``lbs_ref`` -- plain PyTorch, the specification (any float dtype, any device).
+* ``_lbs_kernel`` -- Triton, one launch for the whole batch. A tiny torch step first computes
+  per-frame quantities from the joint basis ``[J_reg . v_template | J_reg . dirs]``
+  (:func:`construct_joint_basis`, (J, 3, 1+K) float32): joints ``J``, Rodrigues, the kinematic
+  chain ``A`` (N, J, 3, 4) and the pose feature (N, P), all float32 (a few hundred bytes per
+  frame). The kernel then runs one program per (block of ``BLOCK_V`` vertices, block of
+  ``BLOCK_N`` frames): blendshapes as ``tl.dot`` over K in chunks of ``BLOCK_K``, pose
+  correctives the same way over P, skinning ``sum_j w_vj (A_j [v; 1])`` and the translation,
+  with every vertex written by exactly one program (no atomics). Inputs fp32/fp16/bf16 are
+  loaded in their dtype and accumulated in fp32 (``input_precision="ieee"``: no TF32).
+* ``_vertex_normals_kernel`` -- Triton, one program per (block of vertices, frame): gathers each
+  vertex's faces from the table of :func:`construct_vertex_faces` (V, M) int32 (``-1`` padded,
+  M = largest valence), sums their unnormalised normals and normalises (``clamp_min(1e-12)``,
+  vertices in no face get 0). Needs the posed vertices of every neighbour, hence a second launch.
+
+Cost (elements of the input dtype, ``s`` bytes each; float32 = 4 bytes for the small per-frame
+tensors). LBS kernel: reads dirs + posedirs + template + weights once per frame block,
+``s V (3K + 3P + 3 + J)``, the per-frame tensors ``N (s K + 4 P + 48 J + 3 s)`` (re-read by
+every vertex block from L2, counted once), writes ``s 3NV``; FLOPs ``6NV(K + P) + 24NVJ + 3NV``. The torch step adds
+``2 J V 3K`` FLOPs and a read of ``dirs`` unless ``joint_basis`` is passed precomputed.
+Normals kernel: reads ``4 V M`` table bytes + ``F 12`` face bytes + ``~9 s V M N`` gathered
+vertex bytes (L1/L2 hits mostly), writes ``s 3NV``; ~30 FLOPs per (vertex, face slot, frame).
+:func:`lbs_cost` returns these numbers for benchmarks. The reference does the same FLOPs but
+materialises ``v_shaped``, ``v_posed`` and the per-vertex (N, V, 4, 4) transforms in memory.
+
+Dispatch (``impl``): ``"ref"`` -> reference; ``"triton"`` -> the kernels (CUDA tensors, or CPU
+tensors under the Triton interpreter ``TRITON_INTERPRET=1``, otherwise a RuntimeError);
+``"auto"`` -> Triton for CUDA tensors of a supported dtype when Triton is installed, else the
+reference. There is no C++ LBS.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 
-__all__ = ["rodrigues", "lbs_ref", "lbs", "batch_rigid_transform"]
+# Triton is optional and imported on the first Triton call, not here: importing mvportrait never
+# imports triton, so TRITON_INTERPRET (which triton reads when *it* is imported) can still be set
+# after importing mvportrait. The kernels below are plain functions until ``_launcher`` wraps them.
+triton = None
+tl = None
+
+__all__ = ["rodrigues", "lbs_ref", "lbs", "batch_rigid_transform", "construct_joint_basis",
+           "construct_vertex_faces", "vertex_normals_ref", "vertex_normals", "lbs_cost",
+           "triton_available"]
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_IMPLS = ("auto", "triton", "ref")
 
 
 def rodrigues(axis_angle: torch.Tensor) -> torch.Tensor:
@@ -105,8 +147,331 @@ def _check(name, t, shape, dtype=None, device=None):
         raise ValueError(f"{name} is on {t.device}, expected {device}")
 
 
-def lbs(coeffs, pose, v_template, dirs, posedirs, j_regressor, parents, weights, translation=None):
-    """Validating entry point; see the module docstring for the math and shapes."""
+# ----------------------------------------------------------------------------- Triton kernels
+def _triton_kernel(fn):
+    """Mark ``fn`` as a Triton kernel; ``_launcher`` jit-compiles (or interprets) it on first use."""
+    fn.__triton_kernel__ = True
+    return fn
+
+
+@_triton_kernel
+def _lbs_kernel(coef_ptr, feat_ptr, tmpl_ptr, dirs_ptr, pdirs_ptr, w_ptr, a_ptr, trans_ptr, out_ptr,
+                N, V, K, P, J,
+                HAS_TRANS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    # coef (N, K) input dtype; feat (N, P) f32; tmpl (V, 3); dirs (V, 3, K); pdirs (V, 3, P);
+    # w (V, J); a (N, J, 3, 4) f32; trans (N, 3); out (N, V, 3). All contiguous.
+    offs_v = (tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_v = offs_v < V
+    mask_n = offs_n < N
+    # v_shaped[v, :, n] = template[v] + dirs[v] . coeffs[n]; tiles are (BLOCK_V, BLOCK_N)
+    zero = tl.zeros((BLOCK_V, BLOCK_N), dtype=tl.float32)
+    x = zero + tl.load(tmpl_ptr + offs_v * 3 + 0, mask=mask_v, other=0.0).to(tl.float32)[:, None]
+    y = zero + tl.load(tmpl_ptr + offs_v * 3 + 1, mask=mask_v, other=0.0).to(tl.float32)[:, None]
+    z = zero + tl.load(tmpl_ptr + offs_v * 3 + 2, mask=mask_v, other=0.0).to(tl.float32)[:, None]
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        c = tl.load(coef_ptr + offs_n[None, :] * K + offs_k[:, None],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # (BK, BN)
+        rows = dirs_ptr + offs_v[:, None] * (3 * K) + offs_k[None, :]
+        m = mask_v[:, None] & mask_k[None, :]
+        x += tl.dot(tl.load(rows, mask=m, other=0.0).to(tl.float32), c, input_precision="ieee")
+        y += tl.dot(tl.load(rows + K, mask=m, other=0.0).to(tl.float32), c, input_precision="ieee")
+        z += tl.dot(tl.load(rows + 2 * K, mask=m, other=0.0).to(tl.float32), c, input_precision="ieee")
+    # pose correctives: v_posed = v_shaped + posedirs[v] . feature[n]
+    for p0 in range(0, P, BLOCK_K):
+        offs_p = p0 + tl.arange(0, BLOCK_K)
+        mask_p = offs_p < P
+        f = tl.load(feat_ptr + offs_n[None, :] * P + offs_p[:, None],
+                    mask=mask_p[:, None] & mask_n[None, :], other=0.0)  # (BK, BN) f32
+        rows = pdirs_ptr + offs_v[:, None] * (3 * P) + offs_p[None, :]
+        m = mask_v[:, None] & mask_p[None, :]
+        x += tl.dot(tl.load(rows, mask=m, other=0.0).to(tl.float32), f, input_precision="ieee")
+        y += tl.dot(tl.load(rows + P, mask=m, other=0.0).to(tl.float32), f, input_precision="ieee")
+        z += tl.dot(tl.load(rows + 2 * P, mask=m, other=0.0).to(tl.float32), f, input_precision="ieee")
+    # skinning: out = sum_j w[v, j] (A[n, j] [v_posed; 1])
+    ox = zero
+    oy = zero
+    oz = zero
+    for j in range(0, J):
+        w = tl.load(w_ptr + offs_v * J + j, mask=mask_v, other=0.0).to(tl.float32)[:, None]
+        a = a_ptr + offs_n * (12 * J) + 12 * j
+        a00 = tl.load(a + 0, mask=mask_n, other=0.0)[None, :]
+        a01 = tl.load(a + 1, mask=mask_n, other=0.0)[None, :]
+        a02 = tl.load(a + 2, mask=mask_n, other=0.0)[None, :]
+        a03 = tl.load(a + 3, mask=mask_n, other=0.0)[None, :]
+        a10 = tl.load(a + 4, mask=mask_n, other=0.0)[None, :]
+        a11 = tl.load(a + 5, mask=mask_n, other=0.0)[None, :]
+        a12 = tl.load(a + 6, mask=mask_n, other=0.0)[None, :]
+        a13 = tl.load(a + 7, mask=mask_n, other=0.0)[None, :]
+        a20 = tl.load(a + 8, mask=mask_n, other=0.0)[None, :]
+        a21 = tl.load(a + 9, mask=mask_n, other=0.0)[None, :]
+        a22 = tl.load(a + 10, mask=mask_n, other=0.0)[None, :]
+        a23 = tl.load(a + 11, mask=mask_n, other=0.0)[None, :]
+        ox += w * (a00 * x + a01 * y + a02 * z + a03)
+        oy += w * (a10 * x + a11 * y + a12 * z + a13)
+        oz += w * (a20 * x + a21 * y + a22 * z + a23)
+    if HAS_TRANS:
+        ox += tl.load(trans_ptr + offs_n * 3 + 0, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        oy += tl.load(trans_ptr + offs_n * 3 + 1, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        oz += tl.load(trans_ptr + offs_n * 3 + 2, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    dst = out_ptr + offs_n[None, :] * (3 * V) + offs_v[:, None] * 3
+    m = mask_v[:, None] & mask_n[None, :]
+    tl.store(dst + 0, ox.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(dst + 1, oy.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(dst + 2, oz.to(out_ptr.dtype.element_ty), mask=m)
+
+@_triton_kernel
+def _vertex_normals_kernel(verts_ptr, faces_ptr, vf_ptr, out_ptr, V, M,
+                           BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr):
+    # verts (N, V, 3); faces (F, 3) int32; vf (V, M) int32, -1 padded; out (N, V, 3).
+    offs_v = (tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_v = offs_v < V
+    fid = tl.load(vf_ptr + offs_v[:, None] * M + offs_m[None, :],
+                  mask=mask_v[:, None] & (offs_m[None, :] < M), other=-1)  # (BV, BM)
+    ok = fid >= 0
+    fid = tl.where(ok, fid, 0).to(tl.int64)
+    i0 = tl.load(faces_ptr + fid * 3 + 0, mask=ok, other=0).to(tl.int64) * 3
+    i1 = tl.load(faces_ptr + fid * 3 + 1, mask=ok, other=0).to(tl.int64) * 3
+    i2 = tl.load(faces_ptr + fid * 3 + 2, mask=ok, other=0).to(tl.int64) * 3
+    base = verts_ptr + n * (3 * V)
+    p0x = tl.load(base + i0 + 0, mask=ok, other=0.0).to(tl.float32)
+    p0y = tl.load(base + i0 + 1, mask=ok, other=0.0).to(tl.float32)
+    p0z = tl.load(base + i0 + 2, mask=ok, other=0.0).to(tl.float32)
+    e1x = tl.load(base + i1 + 0, mask=ok, other=0.0).to(tl.float32) - p0x
+    e1y = tl.load(base + i1 + 1, mask=ok, other=0.0).to(tl.float32) - p0y
+    e1z = tl.load(base + i1 + 2, mask=ok, other=0.0).to(tl.float32) - p0z
+    e2x = tl.load(base + i2 + 0, mask=ok, other=0.0).to(tl.float32) - p0x
+    e2y = tl.load(base + i2 + 1, mask=ok, other=0.0).to(tl.float32) - p0y
+    e2z = tl.load(base + i2 + 2, mask=ok, other=0.0).to(tl.float32) - p0z
+    nx = tl.sum(e1y * e2z - e1z * e2y, axis=1)  # padding slots loaded zeros: cross = 0
+    ny = tl.sum(e1z * e2x - e1x * e2z, axis=1)
+    nz = tl.sum(e1x * e2y - e1y * e2x, axis=1)
+    inv = 1.0 / tl.maximum(tl.sqrt(nx * nx + ny * ny + nz * nz), 1e-12)
+    dst = out_ptr + n * (3 * V) + offs_v * 3
+    tl.store(dst + 0, (nx * inv).to(out_ptr.dtype.element_ty), mask=mask_v)
+    tl.store(dst + 1, (ny * inv).to(out_ptr.dtype.element_ty), mask=mask_v)
+    tl.store(dst + 2, (nz * inv).to(out_ptr.dtype.element_ty), mask=mask_v)
+
+
+# ------------------------------------------------------------------------------ dispatch
+_LAUNCHERS: dict = {}
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether the triton package can be imported (checked once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _import_triton(op: str):
+    global triton, tl
+    if triton is None:
+        try:
+            import triton as _triton
+            import triton.language as _tl
+        except ImportError as e:
+            raise RuntimeError(f"{op}: impl='triton' needs the triton package (pip install triton)") from e
+        triton, tl = _triton, _tl
+    return triton
+
+
+def _launcher(kernel, device: torch.device, op: str):
+    """``kernel`` (a plain function marked ``@_triton_kernel``) as Triton can launch it now.
+
+    Triton decides compiled vs interpreted from ``TRITON_INTERPRET`` once, when triton itself
+    is imported (its own ``@jit`` helpers such as ``tl.zeros`` are wrapped then). We import it
+    lazily and wrap our kernels to match; a flag changed after that import is an error.
+    """
+    _import_triton(op)
+    from triton.runtime.interpreter import InterpretedFunction
+
+    interpret = bool(triton.knobs.runtime.interpret)
+    if interpret != isinstance(triton.language.standard.zeros, InterpretedFunction):
+        raise RuntimeError(f"{op}: TRITON_INTERPRET={int(interpret)} now, but triton was imported with it "
+                           f"{'off' if interpret else 'on'}; set TRITON_INTERPRET before the first import of "
+                           "triton in the process")
+    if not interpret and device.type != "cuda":
+        raise RuntimeError(f"{op}: impl='triton' with {device.type} tensors runs only under the Triton "
+                           "interpreter (set TRITON_INTERPRET=1 before triton is imported); use CUDA tensors "
+                           "or impl='ref'/'auto'")
+    key = (kernel, interpret)
+    if key not in _LAUNCHERS:
+        _LAUNCHERS[key] = InterpretedFunction(kernel) if interpret else triton.jit(kernel)
+    return _LAUNCHERS[key]
+
+
+def _use_triton(impl: str, device: torch.device, dtype: torch.dtype, op: str) -> bool:
+    if impl not in _IMPLS:
+        raise ValueError(f"{op}: impl must be one of {', '.join(_IMPLS)}, got {impl!r}")
+    if impl == "ref":
+        return False
+    if impl == "auto":
+        return device.type == "cuda" and dtype in _TRITON_DTYPES and triton_available()
+    if dtype not in _TRITON_DTYPES:
+        raise ValueError(f"{op}: the Triton kernel takes float32/float16/bfloat16, got {dtype}; use impl='ref'")
+    return True
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+# --------------------------------------------------------------------- constant-data helpers
+def construct_joint_basis(j_regressor: torch.Tensor, v_template: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+    """``[J_reg . v_template | J_reg . dirs]`` (J, 3, 1 + K) float32: joints are ``basis . [1; c]``.
+
+    Constant per model and component count: compute it once and pass it to :func:`lbs` as
+    ``joint_basis`` to skip a read of ``dirs`` per call.
+    """
+    _check("v_template", v_template, (None, 3))
+    nv = v_template.shape[0]
+    _check("j_regressor", j_regressor, (None, nv), v_template.dtype, v_template.device)
+    _check("dirs", dirs, (nv, 3, None), v_template.dtype, v_template.device)
+    jr = j_regressor.float()
+    rest = jr @ v_template.float()  # (J, 3)
+    d = (jr @ dirs.reshape(nv, -1).float()).reshape(jr.shape[0], 3, dirs.shape[2])  # (J, 3, K)
+    return torch.cat([rest[..., None], d], -1).contiguous()
+
+
+def construct_vertex_faces(faces: torch.Tensor, nv: int) -> torch.Tensor:
+    """Vertex -> faces table (nv, M) int32: row v lists the faces that use v, ``-1`` padded.
+
+    M is the largest valence (at least 1). A face that names a vertex twice appears twice in
+    its row, as its normal is added once per corner. Topology is constant: build it once.
+    """
+    faces = _check_faces(faces, nv)
+    nf = faces.shape[0]
+    flat = faces.reshape(-1).long()
+    fid = torch.arange(nf, device=faces.device).repeat_interleave(3)
+    order = torch.argsort(flat, stable=True)
+    vs, fs = flat[order], fid[order]
+    counts = torch.bincount(flat, minlength=nv)
+    m = max(1, int(counts.max())) if nf else 1
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(3 * nf, device=faces.device) - start[vs]
+    table = torch.full((nv, m), -1, dtype=torch.int32, device=faces.device)
+    table[vs, slot] = fs.to(torch.int32)
+    return table
+
+
+def _check_faces(faces, nv: int) -> torch.Tensor:
+    if not isinstance(faces, torch.Tensor):
+        raise TypeError(f"faces must be a torch.Tensor, got {type(faces).__name__}")
+    if faces.dim() != 2 or faces.shape[1] != 3 or faces.is_floating_point() or faces.is_complex():
+        raise ValueError(f"faces must be an integer tensor of shape (F, 3), got {faces.dtype} {tuple(faces.shape)}")
+    if faces.numel() and (int(faces.min()) < 0 or int(faces.max()) >= nv):
+        raise ValueError(f"faces index vertices outside [0, {nv})")
+    return faces
+
+
+# ---------------------------------------------------------------------------- normals
+def vertex_normals_ref(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Area-weighted unit vertex normals (..., V, 3) of verts (..., V, 3) and faces (F, 3)."""
+    faces = faces.long()
+    v0, v1, v2 = verts[..., faces[:, 0], :], verts[..., faces[:, 1], :], verts[..., faces[:, 2], :]
+    fn = torch.linalg.cross(v1 - v0, v2 - v0)  # (..., F, 3)
+    out = torch.zeros_like(verts)
+    for i in range(3):
+        out.index_add_(-2, faces[:, i], fn)
+    return out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def vertex_normals(verts, faces, vertex_faces=None, *, out=None, impl="auto"):
+    """Area-weighted unit vertex normals of posed meshes: verts (N, V, 3) -> (N, V, 3).
+
+    ``faces`` (F, 3) integer; ``vertex_faces`` the (V, M) int32 table of
+    :func:`construct_vertex_faces` (built here when None); ``out`` an optional (N, V, 3)
+    contiguous buffer of the dtype of ``verts``. See the module docstring for cost and ``impl``.
+    """
+    _check("verts", verts, (None, None, 3))
+    n, nv = verts.shape[:2]
+    faces = _check_faces(faces, nv)
+    if faces.device != verts.device:
+        raise ValueError(f"faces are on {faces.device}, verts on {verts.device}")
+    if out is not None:
+        _check("out", out, (n, nv, 3), verts.dtype, verts.device)
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+    if not _use_triton(impl, verts.device, verts.dtype, "vertex_normals"):
+        res = vertex_normals_ref(verts, faces)
+        return res if out is None else out.copy_(res)
+    if vertex_faces is None:
+        vertex_faces = construct_vertex_faces(faces, nv)
+    _check("vertex_faces", vertex_faces, (nv, None), torch.int32, verts.device)
+    kernel = _launcher(_vertex_normals_kernel, verts.device, "vertex_normals")
+    verts = verts.contiguous()
+    vf = vertex_faces.contiguous()
+    if out is None:
+        out = torch.empty_like(verts)
+    if n == 0 or nv == 0:
+        return out
+    m = vf.shape[1]
+    block_m = _next_pow2(m)
+    block_v = max(1, min(128, 2048 // block_m))
+    grid = (_cdiv(nv, block_v), n)
+    kernel[grid](verts, faces.to(torch.int32).contiguous(), vf, out, nv, m, BLOCK_V=block_v, BLOCK_M=block_m)
+    return out
+
+
+# ---------------------------------------------------------------------------- public LBS
+def lbs_cost(n: int, nv: int, k: int, nj: int = 5, dtype: torch.dtype = torch.float32,
+             joint_basis: bool = False) -> dict:
+    """Bytes moved and FLOPs of one Triton LBS call (module docstring), for benchmarks."""
+    s = torch.empty((), dtype=dtype).element_size()
+    p = 9 * (nj - 1)
+    nbytes = s * nv * (3 * k + 3 * p + 3 + nj) + n * (s * k + 4 * p + 48 * nj + 3 * s) + s * 3 * n * nv
+    flops = 6 * n * nv * (k + p) + 24 * n * nv * nj + 3 * n * nv
+    if not joint_basis:
+        nbytes += s * 3 * nv * k
+        flops += 2 * nj * nv * 3 * k
+    return {"bytes": nbytes, "flops": flops}
+
+
+def _lbs_triton(coeffs, pose, v_template, dirs, posedirs, parents, weights, translation, joint_basis, out):
+    kernel = _launcher(_lbs_kernel, v_template.device, "lbs")
+    n, k = coeffs.shape
+    nv, nj = weights.shape
+    p = posedirs.shape[2]
+    # tiny per-frame torch step, float32: joints, rotations, pose feature, kinematic chain
+    joints = joint_basis[..., 0] + torch.einsum("jck,nk->njc", joint_basis[..., 1:], coeffs.float())  # (N, J, 3)
+    rot = rodrigues(pose.float().reshape(n, nj, 3))  # (N, J, 3, 3)
+    feat = (rot[:, 1:] - torch.eye(3, device=rot.device)).reshape(n, p).contiguous()  # (N, P)
+    posed_joints, a = batch_rigid_transform(rot, joints, parents)
+    a = a[:, :, :3, :].contiguous()  # (N, J, 3, 4)
+    if translation is not None:
+        posed_joints = posed_joints + translation.float()[:, None, :]
+    if out is None:
+        out = torch.empty(n, nv, 3, dtype=v_template.dtype, device=v_template.device)
+    if n and nv:
+        block_v, block_k = 32, 32
+        block_n = min(64, max(16, _next_pow2(n)))  # tl.dot needs every block dimension >= 16
+        grid = (_cdiv(nv, block_v), _cdiv(n, block_n))
+        trans = translation.contiguous() if translation is not None else feat  # dummy pointer when absent
+        kernel[grid](coeffs.contiguous(), feat, v_template.contiguous(), dirs.contiguous(), posedirs.contiguous(),
+                     weights.contiguous(), a, trans, out, n, nv, k, p, nj,
+                     HAS_TRANS=translation is not None, BLOCK_V=block_v, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out, posed_joints.to(v_template.dtype)
+
+
+def lbs(coeffs, pose, v_template, dirs, posedirs, j_regressor, parents, weights, translation=None, *,
+        faces=None, vertex_faces=None, joint_basis=None, out=None, impl="auto"):
+    """Validating entry point; see the module docstring for the math, shapes and dispatch.
+
+    Returns ``(vertices (N, V, 3), joints (N, J, 3))``, or ``(vertices, joints, normals)`` when
+    ``faces`` (F, 3) is given (``vertex_faces`` from :func:`construct_vertex_faces` saves
+    rebuilding the table). ``joint_basis`` from :func:`construct_joint_basis` saves a pass over
+    ``dirs`` on the Triton path (the reference ignores it). ``out``: optional contiguous
+    (N, V, 3) buffer for the vertices.
+    """
     _check("v_template", v_template, (None, 3))
     nv = v_template.shape[0]
     dt, dev = v_template.dtype, v_template.device
@@ -121,7 +486,24 @@ def lbs(coeffs, pose, v_template, dirs, posedirs, j_regressor, parents, weights,
     _check("parents", parents, (nj,))
     if translation is not None:
         _check("translation", translation, (n, 3), dt, dev)
+    if out is not None:
+        _check("out", out, (n, nv, 3), dt, dev)
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+    if joint_basis is not None:
+        _check("joint_basis", joint_basis, (nj, 3, coeffs.shape[1] + 1), torch.float32, dev)
     par = parents.tolist()
     if par[0] != -1 or any(not (0 <= p < j) for j, p in enumerate(par) if j > 0):
         raise ValueError(f"parents must be topologically sorted with parents[0] == -1, got {par}")
-    return lbs_ref(coeffs, pose, v_template, dirs, posedirs, j_regressor, parents, weights, translation)
+    if _use_triton(impl, dev, dt, "lbs"):
+        if joint_basis is None:
+            joint_basis = construct_joint_basis(j_regressor, v_template, dirs)
+        verts, joints = _lbs_triton(coeffs, pose, v_template, dirs, posedirs, parents, weights, translation,
+                                    joint_basis, out)
+    else:
+        verts, joints = lbs_ref(coeffs, pose, v_template, dirs, posedirs, j_regressor, parents, weights, translation)
+        if out is not None:
+            verts = out.copy_(verts)
+    if faces is None:
+        return verts, joints
+    return verts, joints, vertex_normals(verts, faces, vertex_faces, impl=impl)

@@ -1,0 +1,243 @@
+"""Attention along one short axis (views or frames) of a (B, V, F, N, C) activation.
+
+The view module of the FLAME2Video UNet lets every (frame, pixel) position attend over its V
+views; the temporal (motion) module lets every (view, pixel) position attend over its F frames.
+Both are softmax attention over a sequence of L <= 32 tokens, one sequence per position and head::
+
+    axis="view":   o[b, :, f, n, h] = softmax(q[b, :, f, n, h] k[b, :, f, n, h]^T * scale) v[b, :, f, n, h]
+    axis="frame":  o[b, v, :, n, h] = softmax(q[b, v, :, n, h] k[b, v, :, n, h]^T * scale) v[b, v, :, n, h]
+
+with channels ``C = H * D`` split into H heads of D channels (head h = channels
+``h*D .. h*D + D - 1``), ``scale = 1/sqrt(D)`` by default, no mask, no dropout.
+
+Tensors: ``q``, ``k``, ``v`` (B, V, F, N, C) float32/float16/bfloat16, one dtype and device, any
+strides (e.g. slices of a fused qkv projection ``qkv[..., :C]``; the kernel takes every stride,
+nothing is copied). Output (B, V, F, N, C) contiguous, dtype of the inputs.
+
+Implementations (``impl``): ``axis_attention_ref`` -- permute the axis next to the channels,
+split heads, ``torch.nn.functional.scaled_dot_product_attention``, permute back (the permutes
+are real copies); ``_axis_attention_kernel`` -- Triton, one program per (block of ``BLOCK_P``
+positions, head): it loads K and V of the whole axis for its positions into registers
+(``BLOCK_L x BLOCK_P x BLOCK_D``), then for each query i computes the L scores, the softmax in
+float32 (``exp2`` with the scale folded into ``log2 e``) and the weighted sum of V, and writes
+row i. ``"auto"`` runs Triton on CUDA tensors when triton is installed, the reference otherwise;
+``"triton"`` on CPU tensors needs the Triton interpreter (``TRITON_INTERPRET=1`` set before
+triton is imported), else a RuntimeError. Limits of the kernel: L <= 32, D <= 256.
+
+Cost, with ``E = B V F N C`` elements per tensor and ``s`` bytes per element: bytes moved
+``4 E s`` (q, k, v read once, o written once); FLOPs ``4 E L`` (``2 L D`` for the scores and
+``2 L D`` for the weighted sum per query and head), plus ``E L / D`` exponentials.
+:func:`axis_attention_cost` returns these numbers for benchmarks.
+
+Not here (yet): the full multi-view attention with views folded into the token sequence
+(MVDream style, sequence V*N); that needs a flash-attention style kernel and is left to SDPA.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+
+import torch
+
+# Triton is imported on the first Triton call (see lbs.py: TRITON_INTERPRET is read when triton
+# itself is imported, so importing mvportrait must not import it).
+triton = None
+tl = None
+
+__all__ = ["axis_attention_ref", "axis_attention", "axis_attention_cost", "AXES", "MAX_AXIS_LEN"]
+
+AXES = {"view": 1, "frame": 2}  # axis name -> dimension of the (B, V, F, N, C) layout
+MAX_AXIS_LEN = 32
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_IMPLS = ("auto", "triton", "ref")
+
+
+def axis_attention_ref(q, k, v, heads: int, axis: str, *, scale: float | None = None) -> torch.Tensor:
+    """Permute + SDPA + permute reference; shapes and math in the module docstring."""
+    b, nv, nf, n, c = q.shape
+    d = c // heads
+    dim = AXES[axis]
+    other = 3 - dim  # the other of dims 1 and 2
+
+    def split(x):  # (B, V, F, N, C) -> (B * other * N, H, L, D)
+        x = x.permute(0, other, 3, dim, 4)  # (B, O, N, L, C)
+        return x.reshape(-1, x.shape[3], heads, d).transpose(1, 2)
+
+    o = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), scale=scale)
+    o = o.transpose(1, 2).reshape(b, q.shape[other], n, q.shape[dim], c)  # (B, O, N, L, C)
+    inv = [0, 0, 0, 0, 0]
+    for i, src in enumerate((0, other, 3, dim, 4)):
+        inv[src] = i
+    return o.permute(*inv).contiguous()
+
+
+def axis_attention_cost(shape, axis: str, dtype: torch.dtype = torch.float16) -> dict:
+    """Bytes moved and FLOPs of one call on (B, V, F, N, C) tensors (module docstring)."""
+    e = math.prod(shape)
+    s = torch.empty((), dtype=dtype).element_size()
+    return {"bytes": 4 * e * s, "flops": 4 * e * shape[AXES[axis]]}
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+def _triton_kernel(fn):
+    """Mark ``fn`` as a Triton kernel; ``_launcher`` jit-compiles (or interprets) it on first use."""
+    fn.__triton_kernel__ = True
+    return fn
+
+
+@_triton_kernel
+def _axis_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, P, O, NPOS, L, D, qk_scale,
+                           sq_b, sq_o, sq_n, sq_l, sq_c,
+                           sk_b, sk_o, sk_n, sk_l, sk_c,
+                           sv_b, sv_o, sv_n, sv_l, sv_c,
+                           so_b, so_o, so_n, so_l, so_c,
+                           BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Positions p = (b * O + o) * NPOS + n enumerate (batch, other axis, pixel); l runs along the
+    # attended axis; head h owns channels h*D .. h*D + D - 1. qk_scale = scale * log2(e).
+    offs_p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_l = tl.arange(0, BLOCK_L).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    mask_p = offs_p < P
+    mask_l = offs_l < L
+    mask_d = offs_d < D
+    n = offs_p % NPOS
+    bo = offs_p // NPOS
+    o = bo % O
+    b = bo // O
+    chan = h * D + offs_d
+    # K and V of the whole axis: (BLOCK_L, BLOCK_P, BLOCK_D), float32
+    kv_mask = mask_l[:, None, None] & mask_p[None, :, None] & mask_d[None, None, :]
+    k_off = ((b * sk_b + o * sk_o + n * sk_n)[None, :, None] + offs_l[:, None, None] * sk_l
+             + (chan * sk_c)[None, None, :])
+    v_off = ((b * sv_b + o * sv_o + n * sv_n)[None, :, None] + offs_l[:, None, None] * sv_l
+             + (chan * sv_c)[None, None, :])
+    kt = tl.load(k_ptr + k_off, mask=kv_mask, other=0.0).to(tl.float32)
+    vt = tl.load(v_ptr + v_off, mask=kv_mask, other=0.0).to(tl.float32)
+    q_ptrs = q_ptr + (b * sq_b + o * sq_o + n * sq_n)[:, None] + (chan * sq_c)[None, :]  # (BLOCK_P, BLOCK_D)
+    o_ptrs = o_ptr + (b * so_b + o * so_o + n * so_n)[:, None] + (chan * so_c)[None, :]
+    pd_mask = mask_p[:, None] & mask_d[None, :]
+    for _ in range(0, L):  # query row i: q_ptrs / o_ptrs advance one step along the axis per row
+        qi = tl.load(q_ptrs, mask=pd_mask, other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_D)
+        s = tl.sum(qi[None, :, :] * kt, axis=2) * qk_scale  # (BLOCK_L, BLOCK_P), log2 units
+        s = tl.where(mask_l[:, None], s, float("-inf"))
+        m = tl.max(s, axis=0)
+        e = tl.exp2(s - m[None, :])
+        den = tl.sum(e, axis=0)
+        acc = tl.sum(e[:, :, None] * vt, axis=0) / den[:, None]  # (BLOCK_P, BLOCK_D)
+        tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=pd_mask)
+        q_ptrs += sq_l
+        o_ptrs += so_l
+
+
+# ------------------------------------------------------------------------------ dispatch
+_LAUNCHERS: dict = {}
+
+
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _launcher(kernel, device: torch.device, op: str):
+    """``kernel`` as Triton can launch it now (compiled, or interpreted under TRITON_INTERPRET=1)."""
+    global triton, tl
+    if triton is None:
+        try:
+            import triton as _triton
+            import triton.language as _tl
+        except ImportError as e:
+            raise RuntimeError(f"{op}: impl='triton' needs the triton package (pip install triton)") from e
+        triton, tl = _triton, _tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    interpret = bool(triton.knobs.runtime.interpret)
+    if interpret != isinstance(triton.language.standard.zeros, InterpretedFunction):
+        raise RuntimeError(f"{op}: TRITON_INTERPRET={int(interpret)} now, but triton was imported with it "
+                           f"{'off' if interpret else 'on'}; set TRITON_INTERPRET before the first import of "
+                           "triton in the process")
+    if not interpret and device.type != "cuda":
+        raise RuntimeError(f"{op}: impl='triton' with {device.type} tensors runs only under the Triton "
+                           "interpreter (set TRITON_INTERPRET=1 before triton is imported); use CUDA tensors "
+                           "or impl='ref'/'auto'")
+    key = (kernel, interpret)
+    if key not in _LAUNCHERS:
+        _LAUNCHERS[key] = InterpretedFunction(kernel) if interpret else triton.jit(kernel)
+    return _LAUNCHERS[key]
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def _check_inputs(q, k, v, heads, axis, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 5:
+            raise ValueError(f"{name} must have shape (B, V, F, N, C), got {tuple(t.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype or q.dtype not in _DTYPES:
+        raise ValueError(f"q, k, v must share one dtype of float32/float16/bfloat16, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if axis not in AXES:
+        raise ValueError(f"axis must be one of {', '.join(AXES)}, got {axis!r}")
+    c = q.shape[4]
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or c % heads:
+        raise ValueError(f"heads must be a positive integer dividing the {c} channels, got {heads!r}")
+    if c // heads > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {c // heads} is larger than {MAX_HEAD_DIM}")
+    length = q.shape[AXES[axis]]
+    if length > MAX_AXIS_LEN:
+        raise ValueError(f"axis {axis!r} has length {length}; axis attention keeps the whole axis in registers "
+                         f"and takes at most {MAX_AXIS_LEN} (use full-sequence attention for longer axes)")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+
+
+def axis_attention(q, k, v, heads: int, axis: str, *, scale: float | None = None, out=None,
+                   impl: str = "auto") -> torch.Tensor:
+    """Attention along ``axis`` ("view" or "frame") of (B, V, F, N, C) q, k, v -> (B, V, F, N, C).
+
+    ``heads`` must divide C; ``scale`` defaults to ``1/sqrt(C/heads)``; ``out`` is an optional
+    contiguous (B, V, F, N, C) buffer of the input dtype. Math, cost and ``impl`` in the module
+    docstring.
+    """
+    _check_inputs(q, k, v, heads, axis, scale)
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype \
+                or out.device != q.device or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
+    if impl not in _IMPLS:
+        raise ValueError(f"axis_attention: impl must be one of {', '.join(_IMPLS)}, got {impl!r}")
+    use_triton = impl == "triton" or (impl == "auto" and q.device.type == "cuda" and _triton_available())
+    if not use_triton:
+        res = axis_attention_ref(q, k, v, heads, axis, scale=scale)
+        return res if out is None else out.copy_(res)
+    kernel = _launcher(_axis_attention_kernel, q.device, "axis_attention")
+    b, nv, nf, n, c = q.shape
+    d = c // heads
+    dim = AXES[axis]
+    other = 3 - dim
+    length, no = q.shape[dim], q.shape[other]
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    positions = b * no * n
+    if out.numel() == 0:
+        return out
+    block_l, block_d = max(2, _next_pow2(length)), max(2, _next_pow2(d))
+    block_p = max(2, min(32, 2048 // (block_l * block_d)))  # K/V tiles of <= 2048 fp32 each (registers)
+    qk_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) * math.log2(math.e)
+    strides = []
+    for t in (q, k, v, out):
+        st = t.stride()
+        strides += [st[0], st[other], st[3], st[dim], st[4]]
+    grid = (-(-positions // block_p), heads)
+    kernel[grid](q, k, v, out, positions, no, n, length, d, qk_scale, *strides,
+                 BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
+    return out
