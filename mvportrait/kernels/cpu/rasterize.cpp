@@ -1,0 +1,805 @@
+// CPU rasterizer for mvportrait: the C++ fast path of mvportrait.kernels.rasterize.
+//
+// Reproduces rasterize_ref exactly (see the docstring of mvportrait/kernels/rasterize.py): the
+// same float64 operations in the same order for the triangle setup, the edge functions (edge i
+// opposite vertex i, endpoints in canonical order = lower vertex index first), the top-left rule,
+// the perspective-correct barycentrics and the depth, so triangle ids, coverage, depth and
+// barycentrics agree bit for bit with the reference's float64 values before the final cast.
+// Build with -ffp-contract=off so no multiply-add is fused (fusing would change the rounding).
+//
+// Work split:
+//   0. vertex  tasks (view): u, v, z as float64 and 1 / z per vertex;
+//   1. setup   tasks (view, chunk of faces): per kept triangle its edge coefficients and bbox;
+//   2. binning tasks (view): ids of kept triangles per block of rows, ascending face id;
+//   3. raster  tasks (view, block of rows): a private z-buffer for the block; triangles in
+//      ascending face id, strict depth test => exact depth ties keep the lowest face id; then
+//      the block's rows of every output are written (empty pixels too: -1 / 0 / false).
+// Tasks are handed out through an atomic counter to a process-wide pool of std::threads (the
+// calling thread works too); the GIL is released meanwhile.
+// The row loop evaluates two pixel centres per step with SSE2 (x86-64 baseline, lane by lane
+// the same IEEE operations as the scalar loop, which other architectures use).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+#ifndef _WIN32
+#include <unistd.h>
+#endif
+#if defined(__SSE2__) || defined(_M_X64)
+#include <emmintrin.h>
+#define MVP_HAVE_SSE2 1
+#else
+#define MVP_HAVE_SSE2 0
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+struct Tri {
+  // oriented edge i at pixel centre p: sdx[i] * (p_v - ay[i]) - sdy[i] * (p_u - ax[i]); inside => > 0
+  double ax[3], ay[3], sdx[3], sdy[3], inv_z[3];
+  int32_t r0, r1, c0, c1;  // inclusive clipped bounding box (rows, columns)
+  uint32_t owner;          // bit i: edge i owns the pixels exactly on it (top-left rule)
+};
+
+// A process-wide pool of sleeping worker threads. parallel_for() publishes a job; the caller
+// works on it too, and waits only for the workers that actually joined it. A worker that was
+// not scheduled in time (a busy machine) simply misses the job, so an oversubscribed machine
+// costs at most the tasks already claimed, never a wait for a thread to start. The pool is
+// leaked on purpose (no join at interpreter exit) and rebuilt in a forked child.
+class Pool {
+ public:
+  static Pool& get() {
+    static std::mutex make_mutex;
+    static Pool* pool = nullptr;
+    std::lock_guard<std::mutex> lock(make_mutex);
+#ifndef _WIN32
+    if (pool && pool->pid_ != getpid()) pool = nullptr;  // forked child: the threads are gone
+#endif
+    if (!pool) pool = new Pool();
+    return *pool;
+  }
+
+  template <typename Fn>
+  void run(int64_t ntasks, int nthreads, Fn& fn) {
+    std::lock_guard<std::mutex> serial(run_mutex_);  // one job at a time (calls from several threads)
+    ensure_workers(nthreads - 1);
+    std::function<void(int64_t)> body = [&fn](int64_t t) { fn(t); };
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      body_ = &body;
+      ntasks_ = ntasks;
+      next_.store(0);
+      error_ = nullptr;
+      open_ = true;
+      seats_ = nthreads - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    work(body, ntasks);
+    std::unique_lock<std::mutex> lock(mutex_);
+    open_ = false;  // every task is claimed: latecomers stay out
+    done_.wait(lock, [this] { return participants_ == 0; });
+    body_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  Pool() {
+#ifndef _WIN32
+    pid_ = getpid();
+#endif
+  }
+
+  void ensure_workers(int n) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    while (static_cast<int>(workers_) < n) {
+      std::thread(&Pool::loop, this).detach();
+      ++workers_;
+    }
+  }
+
+  void work(const std::function<void(int64_t)>& body, int64_t ntasks) {
+    try {
+      for (int64_t t = next_.fetch_add(1); t < ntasks; t = next_.fetch_add(1)) body(t);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!error_) error_ = std::current_exception();
+      next_.store(ntasks);
+    }
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (!open_ || seats_ <= 0) continue;
+      --seats_;
+      ++participants_;
+      const std::function<void(int64_t)>* body = body_;
+      const int64_t ntasks = ntasks_;
+      lock.unlock();
+      work(*body, ntasks);
+      lock.lock();
+      if (--participants_ == 0) done_.notify_all();
+    }
+  }
+
+  std::mutex run_mutex_, mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int64_t)>* body_ = nullptr;
+  int64_t ntasks_ = 0;
+  std::atomic<int64_t> next_{0};
+  std::exception_ptr error_;
+  bool open_ = false;
+  int seats_ = 0, participants_ = 0;
+  unsigned workers_ = 0;
+  uint64_t generation_ = 0;
+#ifndef _WIN32
+  pid_t pid_ = 0;
+#endif
+};
+
+// Run fn(task) for task in [0, ntasks) on up to nthreads threads (the caller is one of them).
+template <typename Fn>
+void parallel_for(int64_t ntasks, int nthreads, Fn&& fn) {
+  if (ntasks <= 0) return;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, ntasks)));
+  if (nt == 1) {
+    for (int64_t t = 0; t < ntasks; ++t) fn(t);
+    return;
+  }
+  Pool::get().run(ntasks, nt, fn);
+}
+
+int resolve_threads(int requested) {
+  if (requested > 0) return requested;
+  const unsigned hc = std::thread::hardware_concurrency();
+  return hc ? static_cast<int>(hc) : 1;
+}
+
+// Per vertex of one view: u, v, z as float64 and 1 / z (the reference's ``1.0 / z``).
+struct Vtx {
+  double u, v, z, inv_z;
+};
+
+// floor / ceil of a finite double in [-2, 2^31] as an integer (x86-64 baseline has no roundsd).
+inline int64_t floor_i(double x) {
+  const int64_t i = static_cast<int64_t>(x);  // truncates toward zero
+  return static_cast<double>(i) > x ? i - 1 : i;
+}
+inline int64_t ceil_i(double x) {
+  const int64_t i = static_cast<int64_t>(x);
+  return static_cast<double>(i) < x ? i + 1 : i;
+}
+
+// Triangle setup; false when the triangle is dropped. Mirrors _setup() in rasterize.py.
+inline bool setup_tri(const Vtx* vx, const int64_t* fv, int64_t height, int64_t width, bool cull, double near,
+                      Tri& t) {
+  const Vtx &p0 = vx[fv[0]], &p1 = vx[fv[1]], &p2 = vx[fv[2]];
+  if (!(p0.z > near && p1.z > near && p2.z > near)) return false;
+  const double u[3] = {p0.u, p1.u, p2.u}, v[3] = {p0.v, p1.v, p2.v};
+  const double area2 = (u[1] - u[0]) * (v[2] - v[0]) - (v[1] - v[0]) * (u[2] - u[0]);
+  if (area2 == 0.0) return false;
+  if (cull && !(area2 < 0.0)) return false;
+  // Pixel columns j whose centre j + 0.5 lies in [umin, umax] (clamped first, as the reference).
+  const double umin = std::min(std::min(u[0], u[1]), u[2]), umax = std::max(std::max(u[0], u[1]), u[2]);
+  const double vmin = std::min(std::min(v[0], v[1]), v[2]), vmax = std::max(std::max(v[0], v[1]), v[2]);
+  const double wlim = static_cast<double>(width) + 1.0, hlim = static_cast<double>(height) + 1.0;
+  const int64_t c0 = std::max<int64_t>(0, ceil_i(std::clamp(umin, -1.0, wlim) - 0.5));
+  const int64_t c1 = std::min<int64_t>(width - 1, floor_i(std::clamp(umax, -1.0, wlim) - 0.5));
+  const int64_t r0 = std::max<int64_t>(0, ceil_i(std::clamp(vmin, -1.0, hlim) - 0.5));
+  const int64_t r1 = std::min<int64_t>(height - 1, floor_i(std::clamp(vmax, -1.0, hlim) - 0.5));
+  if (c0 > c1 || r0 > r1) return false;
+  const double orient = area2 > 0.0 ? 1.0 : -1.0;
+  t.owner = 0;
+  for (int i = 0; i < 3; ++i) {
+    const int j = (i + 1) % 3, k = (i + 2) % 3;
+    const bool swap = fv[j] > fv[k];  // canonical order: lower vertex id first
+    const double ax = swap ? u[k] : u[j], ay = swap ? v[k] : v[j];
+    const double bx = swap ? u[j] : u[k], by = swap ? v[j] : v[k];
+    const double sign = (swap ? -1.0 : 1.0) * orient;
+    t.ax[i] = ax;
+    t.ay[i] = ay;
+    t.sdx[i] = sign * (bx - ax);
+    t.sdy[i] = sign * (by - ay);
+    const double du = orient * (u[k] - u[j]), dv = orient * (v[k] - v[j]);
+    if (dv < 0.0 || (dv == 0.0 && du > 0.0)) t.owner |= 1u << i;
+  }
+  t.inv_z[0] = p0.inv_z;
+  t.inv_z[1] = p1.inv_z;
+  t.inv_z[2] = p2.inv_z;
+  t.r0 = static_cast<int32_t>(r0);
+  t.r1 = static_cast<int32_t>(r1);
+  t.c0 = static_cast<int32_t>(c0);
+  t.c1 = static_cast<int32_t>(c1);
+  return true;
+}
+
+// Pixel centre inside (top-left rule for centres exactly on an edge) given the oriented edge values.
+inline bool inside3(const double e[3], uint32_t owner) {
+  return (e[0] > 0.0 || (e[0] == 0.0 && (owner & 1u))) && (e[1] > 0.0 || (e[1] == 0.0 && (owner & 2u))) &&
+         (e[2] > 0.0 || (e[2] == 0.0 && (owner & 4u)));
+}
+
+// Perspective weights q_i = s_i / z_i of the screen barycentrics s_i = e_i / sum(e), and their
+// sum qs: depth = 1 / qs, bary_i = q_i / qs -- the operations of _bary_depth() in rasterize.py,
+// with the divisions by qs deferred to the pixels that end up visible.
+inline double persp_weights(const double e[3], const double inv_z[3], double q[3]) {
+  const double s = std::max((e[0] + e[1]) + e[2], std::numeric_limits<double>::min());
+  q[0] = (e[0] / s) * inv_z[0];
+  q[1] = (e[1] / s) * inv_z[1];
+  q[2] = (e[2] / s) * inv_z[2];
+  return (q[0] + q[1]) + q[2];
+}
+
+// Z-buffer of one block of rows: winning face id per pixel (-1 = none) and its perspective weights
+// q0, q1, q2, qs (depth = 1 / qs).
+struct Block {
+  int32_t* id;
+  double* q;
+};
+
+// Depth test of face f at block pixel p. Replace iff 1/qs < 1/qs_cur, strictly: faces arrive in
+// ascending id, so exact depth ties keep the lowest id. Rounding is monotone, so qs <= qs_cur
+// can never win and the two divisions are only needed when qs > qs_cur.
+inline void depth_test(Block& zb, int64_t p, int32_t f, double q0, double q1, double q2, double qs) {
+  double* cur = zb.q + 4 * p;
+  if (zb.id[p] < 0 || (qs > cur[3] && 1.0 / qs < 1.0 / cur[3])) {
+    zb.id[p] = f;
+    cur[0] = q0;
+    cur[1] = q1;
+    cur[2] = q2;
+    cur[3] = qs;
+  }
+}
+
+// Rows [ra, rb] of triangle t (face f) into the block starting at row0; scalar reference loop.
+void raster_rows_scalar(const Tri& t, int32_t f, int64_t ra, int64_t rb, int64_t row0, int64_t width, Block& zb) {
+  const double ax0 = t.ax[0], ax1 = t.ax[1], ax2 = t.ax[2], ay0 = t.ay[0], ay1 = t.ay[1], ay2 = t.ay[2];
+  const double sx0 = t.sdx[0], sx1 = t.sdx[1], sx2 = t.sdx[2], sy0 = t.sdy[0], sy1 = t.sdy[1], sy2 = t.sdy[2];
+  const uint32_t owner = t.owner;
+  const int64_t c0 = t.c0, c1 = t.c1;
+  for (int64_t r = ra; r <= rb; ++r) {
+    const double py = static_cast<double>(r) + 0.5;
+    const double rt0 = sx0 * (py - ay0), rt1 = sx1 * (py - ay1), rt2 = sx2 * (py - ay2);
+    const int64_t line = (r - row0) * width;
+    bool entered = false;
+    for (int64_t c = c0; c <= c1; ++c) {
+      const double px = static_cast<double>(c) + 0.5;
+      const double e[3] = {rt0 - sy0 * (px - ax0), rt1 - sy1 * (px - ax1), rt2 - sy2 * (px - ax2)};
+      if (!inside3(e, owner)) {
+        // edge values are monotone along a row (rounding is monotone), so the covered columns
+        // of a row are contiguous: past them, the row is done
+        if (entered) break;
+        continue;
+      }
+      entered = true;
+      double q[3];
+      const double qs = persp_weights(e, t.inv_z, q);
+      depth_test(zb, line + c, f, q[0], q[1], q[2], qs);
+    }
+  }
+}
+
+#if MVP_HAVE_SSE2
+// Same as raster_rows_scalar, two pixel centres (columns c, c + 1) per step.
+void raster_rows_sse2(const Tri& t, int32_t f, int64_t ra, int64_t rb, int64_t row0, int64_t width, Block& zb) {
+  const __m128d ax0 = _mm_set1_pd(t.ax[0]), ax1 = _mm_set1_pd(t.ax[1]), ax2 = _mm_set1_pd(t.ax[2]);
+  const __m128d sy0 = _mm_set1_pd(t.sdy[0]), sy1 = _mm_set1_pd(t.sdy[1]), sy2 = _mm_set1_pd(t.sdy[2]);
+  const __m128d iz0 = _mm_set1_pd(t.inv_z[0]), iz1 = _mm_set1_pd(t.inv_z[1]), iz2 = _mm_set1_pd(t.inv_z[2]);
+  const __m128d all = _mm_castsi128_pd(_mm_set1_epi32(-1)), zero = _mm_setzero_pd();
+  const __m128d own0 = (t.owner & 1u) ? all : zero, own1 = (t.owner & 2u) ? all : zero,
+                own2 = (t.owner & 4u) ? all : zero;
+  const __m128d tiny = _mm_set1_pd(std::numeric_limits<double>::min());
+  const __m128d half = _mm_set_pd(1.5, 0.5);  // lanes (low, high) = columns (c, c + 1)
+  const int64_t c0 = t.c0, c1 = t.c1;
+  alignas(16) double q0[2], q1[2], q2[2], qs[2];
+  for (int64_t r = ra; r <= rb; ++r) {
+    const double py = static_cast<double>(r) + 0.5;
+    const __m128d rt0 = _mm_set1_pd(t.sdx[0] * (py - t.ay[0])), rt1 = _mm_set1_pd(t.sdx[1] * (py - t.ay[1])),
+                  rt2 = _mm_set1_pd(t.sdx[2] * (py - t.ay[2]));
+    const int64_t line = (r - row0) * width;
+    bool entered = false;
+    for (int64_t c = c0; c <= c1; c += 2) {
+      const __m128d px = _mm_add_pd(_mm_set1_pd(static_cast<double>(c)), half);
+      const __m128d e0 = _mm_sub_pd(rt0, _mm_mul_pd(sy0, _mm_sub_pd(px, ax0)));
+      const __m128d e1 = _mm_sub_pd(rt1, _mm_mul_pd(sy1, _mm_sub_pd(px, ax1)));
+      const __m128d e2 = _mm_sub_pd(rt2, _mm_mul_pd(sy2, _mm_sub_pd(px, ax2)));
+      const __m128d in0 = _mm_or_pd(_mm_cmpgt_pd(e0, zero), _mm_and_pd(_mm_cmpeq_pd(e0, zero), own0));
+      const __m128d in1 = _mm_or_pd(_mm_cmpgt_pd(e1, zero), _mm_and_pd(_mm_cmpeq_pd(e1, zero), own1));
+      const __m128d in2 = _mm_or_pd(_mm_cmpgt_pd(e2, zero), _mm_and_pd(_mm_cmpeq_pd(e2, zero), own2));
+      int bits = _mm_movemask_pd(_mm_and_pd(_mm_and_pd(in0, in1), in2));
+      const int valid = c < c1 ? 3 : 1;  // the high lane may lie past the bounding box
+      bits &= valid;
+      if (!bits) {
+        if (entered) break;  // the covered columns of a row are contiguous (see the scalar loop)
+        continue;
+      }
+      entered = true;
+      // persp_weights() for both lanes
+      const __m128d s = _mm_max_pd(_mm_add_pd(_mm_add_pd(e0, e1), e2), tiny);
+      const __m128d w0 = _mm_mul_pd(_mm_div_pd(e0, s), iz0), w1 = _mm_mul_pd(_mm_div_pd(e1, s), iz1),
+                    w2 = _mm_mul_pd(_mm_div_pd(e2, s), iz2);
+      _mm_store_pd(q0, w0);
+      _mm_store_pd(q1, w1);
+      _mm_store_pd(q2, w2);
+      _mm_store_pd(qs, _mm_add_pd(_mm_add_pd(w0, w1), w2));
+      if (bits & 1) depth_test(zb, line + c, f, q0[0], q1[0], q2[0], qs[0]);
+      if (bits & 2) depth_test(zb, line + c + 1, f, q0[1], q1[1], q2[1], qs[1]);
+      if (!(bits & 2)) break;  // the high lane is past the covered run (or the box): row done
+    }
+  }
+}
+#endif
+
+// ------------------------------------------------------------------------------ argument checks
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+void check_array(const py::array& a, const char* name, std::initializer_list<int64_t> shape, bool writeable) {
+  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  int d = 0;
+  for (int64_t s : shape) {
+    if (!ok) break;
+    ok = a.shape(d++) == s;
+  }
+  if (!ok) {
+    std::string want = "(";
+    d = 0;
+    for (int64_t s : shape) want += (d++ ? ", " : "") + std::to_string(s);
+    throw std::invalid_argument(std::string(name) + " must have shape " + want + "), got " + shape_str(a));
+  }
+  if (!(a.flags() & py::array::c_style))
+    throw std::invalid_argument(std::string(name) + " must be C-contiguous");
+  if (writeable && !a.writeable()) throw std::invalid_argument(std::string(name) + " must be writeable");
+}
+
+// Every face index in [0, nv); the message of the Python entry point's check otherwise.
+void check_face_range(const int64_t* fp, int64_t nf, int64_t nv) {
+  if (!nf) return;
+  int64_t lo = fp[0], hi = fp[0];
+  for (int64_t i = 1; i < 3 * nf; ++i) {
+    lo = std::min(lo, fp[i]);
+    hi = std::max(hi, fp[i]);
+  }
+  if (lo < 0 || hi >= nv)
+    throw std::invalid_argument("faces index vertices in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                                "], but there are " + std::to_string(nv) + " vertices (valid: 0.." +
+                                std::to_string(nv - 1) + ")");
+}
+
+template <typename T>
+bool is_dtype(const py::array& a) { return a.dtype().is(py::dtype::of<T>()); }
+
+void check_dtype_float(const py::array& a, const char* name) {
+  if (!is_dtype<float>(a) && !is_dtype<double>(a))
+    throw std::invalid_argument(std::string(name) + " must be float32 or float64");
+}
+
+template <typename T>
+void check_dtype(const py::array& a, const char* name, const char* want) {
+  if (!is_dtype<T>(a)) throw std::invalid_argument(std::string(name) + " must be " + want);
+}
+
+// ---------------------------------------------------------------------------------- rasterizer
+template <typename T>
+void rasterize_impl(const T* verts, int64_t n, int64_t nv, const int64_t* faces, int64_t nf, int64_t height,
+                    int64_t width, bool cull, double near, int64_t* tri_id, T* bary, T* depth, uint8_t* mask,
+                    int nthreads, int64_t block_rows, bool simd) {
+  const int64_t hw = height * width;
+  const int64_t bh = block_rows;
+  const int64_t nblocks = (height + bh - 1) / bh;
+
+  // 0. per-vertex float64 data
+  // Scratch buffers of the calling thread, kept between calls: fresh multi-MB allocations would
+  // page-fault on first touch every call.
+  thread_local std::vector<Vtx> vtx;
+  thread_local std::vector<Tri> tris;
+  thread_local std::vector<int32_t> rows;
+  const size_t ntri = static_cast<size_t>(n * nf);
+  if (vtx.size() < static_cast<size_t>(n * nv)) vtx.resize(static_cast<size_t>(n * nv));
+  if (tris.size() < ntri) tris.resize(ntri);
+  if (rows.size() < 2 * ntri) rows.resize(2 * ntri);
+  // (thread_local: the worker threads below must use these pointers, not the names)
+  Vtx* const vtx_p = vtx.data();
+  Tri* const tris_p = tris.data();
+  int32_t* const rows_p = rows.data();
+  std::atomic<bool> non_finite{false};
+  parallel_for(n, nthreads, [&](int64_t img) {
+    const T* vp = verts + img * nv * 3;
+    Vtx* out = vtx_p + img * nv;
+    bool finite = true;
+    for (int64_t i = 0; i < nv; ++i) {
+      const double u = static_cast<double>(vp[3 * i]), v = static_cast<double>(vp[3 * i + 1]),
+                   z = static_cast<double>(vp[3 * i + 2]);
+      finite &= std::isfinite(u) & std::isfinite(v) & std::isfinite(z);
+      out[i] = Vtx{u, v, z, 1.0 / z};
+    }
+    if (!finite) non_finite.store(true);
+  });
+  if (non_finite.load()) throw std::invalid_argument("verts_pix contains NaN or infinite values");
+  // 1. setup: tasks (view, face chunk). rows[2 f] = first bbox row, -1 when the face is dropped.
+  const int64_t per_view = std::max<int64_t>(1, (2 * nthreads + n - 1) / std::max<int64_t>(1, n));
+  const int64_t chunk = std::max<int64_t>(256, (nf + per_view - 1) / per_view);
+  const int64_t nchunks = nf ? (nf + chunk - 1) / chunk : 0;
+  parallel_for(n * nchunks, nthreads, [&](int64_t task) {
+    const int64_t img = task / nchunks, f0 = (task % nchunks) * chunk, f1 = std::min(nf, f0 + chunk);
+    const Vtx* vx = vtx_p + img * nv;
+    Tri* tp = tris_p + img * nf;
+    int32_t* rp = rows_p + 2 * img * nf;
+    for (int64_t f = f0; f < f1; ++f) {
+      if (setup_tri(vx, faces + 3 * f, height, width, cull, near, tp[f])) {
+        rp[2 * f] = tp[f].r0;
+        rp[2 * f + 1] = tp[f].r1;
+      } else {
+        rp[2 * f] = -1;
+      }
+    }
+  });
+
+  // 2. binning: per view, kept face ids per row block (ascending face id within a block)
+  std::vector<std::vector<int64_t>> offsets(n);  // (nblocks + 1) per view
+  std::vector<std::vector<int32_t>> bins(n);
+  parallel_for(nf ? n : 0, nthreads, [&](int64_t img) {
+    const int32_t* rp = rows_p + 2 * img * nf;
+    std::vector<int64_t>& off = offsets[img];
+    off.assign(nblocks + 1, 0);
+    for (int64_t f = 0; f < nf; ++f) {
+      if (rp[2 * f] < 0) continue;
+      for (int64_t b = rp[2 * f] / bh, b1 = rp[2 * f + 1] / bh; b <= b1; ++b) ++off[b + 1];
+    }
+    for (int64_t b = 0; b < nblocks; ++b) off[b + 1] += off[b];
+    std::vector<int64_t> fill(off.begin(), off.end() - 1);
+    std::vector<int32_t>& bin = bins[img];
+    bin.resize(static_cast<size_t>(off[nblocks]));
+    for (int64_t f = 0; f < nf; ++f) {
+      if (rp[2 * f] < 0) continue;
+      for (int64_t b = rp[2 * f] / bh, b1 = rp[2 * f + 1] / bh; b <= b1; ++b) bin[fill[b]++] = static_cast<int32_t>(f);
+    }
+  });
+
+  // 3. raster: tasks (view, row block). Per pixel of the block: winning face id (-1 = none) and
+  // its perspective weights q0, q1, q2, qs (depth = 1 / qs).
+  parallel_for(n * nblocks, nthreads, [&](int64_t task) {
+    const int64_t img = task / nblocks, blk = task % nblocks;
+    const int64_t row0 = blk * bh, row1 = std::min(height, row0 + bh);  // rows [row0, row1)
+    const int64_t npix = (row1 - row0) * width;
+    thread_local std::vector<double> qbuf;
+    thread_local std::vector<int32_t> ids;
+    ids.assign(npix, -1);
+    qbuf.resize(4 * npix);
+    double* qb = qbuf.data();
+    int32_t* id = ids.data();
+    Block zb{id, qb};
+    if (nf) {
+      const Tri* tp = tris_p + img * nf;
+      const int32_t* bin = bins[img].data();
+      for (int64_t k = offsets[img][blk], kend = offsets[img][blk + 1]; k < kend; ++k) {
+        const int32_t f = bin[k];
+        const Tri& t = tp[f];
+        const int64_t ra = std::max<int64_t>(t.r0, row0), rb = std::min<int64_t>(t.r1, row1 - 1);
+#if MVP_HAVE_SSE2
+        if (simd) {
+          raster_rows_sse2(t, f, ra, rb, row0, width, zb);
+          continue;
+        }
+#endif
+        raster_rows_scalar(t, f, ra, rb, row0, width, zb);
+      }
+    }
+    const int64_t base = img * hw + row0 * width;
+    int64_t* o_id = tri_id + base;
+    T* o_bary = bary + 3 * base;
+    T* o_depth = depth + base;
+    uint8_t* o_mask = mask + base;
+    for (int64_t p = 0; p < npix; ++p) {
+      const int32_t f = id[p];
+      if (f >= 0) {
+        const double* cur = qb + 4 * p;
+        o_id[p] = f;
+        o_mask[p] = 1;
+#if MVP_HAVE_SSE2
+        const __m128d qs = _mm_set1_pd(cur[3]);
+        alignas(16) double b01[2], b2d[2];
+        _mm_store_pd(b01, _mm_div_pd(_mm_loadu_pd(cur), qs));                // q0 / qs, q1 / qs
+        _mm_store_pd(b2d, _mm_div_pd(_mm_set_pd(1.0, cur[2]), qs));          // q2 / qs, 1 / qs
+        o_depth[p] = static_cast<T>(b2d[1]);
+        o_bary[3 * p] = static_cast<T>(b01[0]);
+        o_bary[3 * p + 1] = static_cast<T>(b01[1]);
+        o_bary[3 * p + 2] = static_cast<T>(b2d[0]);
+#else
+        o_depth[p] = static_cast<T>(1.0 / cur[3]);
+        o_bary[3 * p] = static_cast<T>(cur[0] / cur[3]);
+        o_bary[3 * p + 1] = static_cast<T>(cur[1] / cur[3]);
+        o_bary[3 * p + 2] = static_cast<T>(cur[2] / cur[3]);
+#endif
+      } else {
+        o_id[p] = -1;
+        o_mask[p] = 0;
+        o_depth[p] = T(0);
+        o_bary[3 * p] = o_bary[3 * p + 1] = o_bary[3 * p + 2] = T(0);
+      }
+    }
+  });
+}
+
+void rasterize(py::array verts, py::array faces, int64_t height, int64_t width, bool cull_backfaces, double near,
+               py::array tri_id, py::array bary, py::array depth, py::array mask, int num_threads,
+               int64_t block_rows, bool simd) {
+  if (height <= 0 || width <= 0) throw std::invalid_argument("height and width must be positive");
+  if (height > std::numeric_limits<int32_t>::max() || width > std::numeric_limits<int32_t>::max())
+    throw std::invalid_argument("height and width must fit in int32");
+  if (!(near > 0.0) || !std::isfinite(near)) throw std::invalid_argument("near must be a positive finite number");
+  if (verts.ndim() != 3 || verts.shape(2) != 3)
+    throw std::invalid_argument("verts must have shape (N, Nv, 3), got " + shape_str(verts));
+  check_dtype_float(verts, "verts");
+  const int64_t n = verts.shape(0), nv = verts.shape(1);
+  check_array(verts, "verts", {n, nv, 3}, false);
+  if (faces.ndim() != 2 || faces.shape(1) != 3)
+    throw std::invalid_argument("faces must have shape (F, 3), got " + shape_str(faces));
+  check_dtype<int64_t>(faces, "faces", "int64");
+  const int64_t nf = faces.shape(0);
+  check_array(faces, "faces", {nf, 3}, false);
+  if (nf > std::numeric_limits<int32_t>::max()) throw std::invalid_argument("too many faces (max 2^31 - 1)");
+  check_array(tri_id, "tri_id", {n, height, width}, true);
+  check_dtype<int64_t>(tri_id, "tri_id", "int64");
+  check_array(bary, "bary", {n, height, width, 3}, true);
+  check_array(depth, "depth", {n, height, width}, true);
+  check_array(mask, "mask", {n, height, width}, true);
+  if (mask.dtype().kind() != 'b' || mask.itemsize() != 1) throw std::invalid_argument("mask must be bool");
+  const bool f64 = is_dtype<double>(verts);
+  if (!bary.dtype().is(verts.dtype()) || !depth.dtype().is(verts.dtype()))
+    throw std::invalid_argument("bary and depth must have the dtype of verts");
+  const int64_t* fp = static_cast<const int64_t*>(faces.data());
+  check_face_range(fp, nf, nv);
+  if (block_rows <= 0) block_rows = 32;
+  block_rows = std::min(block_rows, height);
+  const int nthreads = resolve_threads(num_threads);
+  const void* vp = verts.data();
+  int64_t* ip = static_cast<int64_t*>(tri_id.mutable_data());
+  void* bp = bary.mutable_data();
+  void* dp = depth.mutable_data();
+  uint8_t* mp = static_cast<uint8_t*>(mask.mutable_data());
+  py::gil_scoped_release release;
+  if (f64)
+    rasterize_impl<double>(static_cast<const double*>(vp), n, nv, fp, nf, height, width, cull_backfaces, near, ip,
+                           static_cast<double*>(bp), static_cast<double*>(dp), mp, nthreads, block_rows, simd);
+  else
+    rasterize_impl<float>(static_cast<const float*>(vp), n, nv, fp, nf, height, width, cull_backfaces, near, ip,
+                          static_cast<float*>(bp), static_cast<float*>(dp), mp, nthreads, block_rows, simd);
+}
+
+// ------------------------------------------------------------------------------- interpolation
+// out[p] = sum_i bary[p, i] * attrs[img, faces[tri_id[p], i]] (bary cast to the attrs dtype first),
+// 0 where mask is false. Mirrors interpolate_ref.
+template <typename A, typename B>
+void interpolate_impl(const A* attrs, int64_t n, int64_t nv, int64_t c, const int64_t* faces, int64_t nf,
+                      const int64_t* tri_id, const B* bary, const uint8_t* mask, int64_t hw, A* out, int nthreads) {
+  const int64_t total = n * hw;
+  const int64_t chunk = 4096;
+  bool finite = true;
+  for (int64_t i = 0; i < n * nv * c; ++i) finite &= static_cast<bool>(std::isfinite(attrs[i]));
+  if (!finite) throw std::invalid_argument("attrs contains NaN or infinite values");
+  std::atomic<int64_t> bad_face{-1};  // largest out-of-range face id of a covered pixel
+  parallel_for((total + chunk - 1) / chunk, nthreads, [&](int64_t task) {
+    const int64_t p0 = task * chunk, p1 = std::min(total, p0 + chunk);
+    int64_t bad = -1;
+    for (int64_t p = p0; p < p1; ++p) {
+      A* o = out + p * c;
+      const int64_t f = tri_id[p];
+      if (!mask[p] || f < 0 || f >= nf) {
+        if (mask[p]) bad = std::max(bad, f < 0 ? std::numeric_limits<int64_t>::max() : f);
+        for (int64_t k = 0; k < c; ++k) o[k] = A(0);
+        continue;
+      }
+      const int64_t img = p / hw;
+      const int64_t* fv = faces + 3 * f;
+      const A* a0 = attrs + (img * nv + fv[0]) * c;
+      const A* a1 = attrs + (img * nv + fv[1]) * c;
+      const A* a2 = attrs + (img * nv + fv[2]) * c;
+      const A b0 = static_cast<A>(bary[3 * p]), b1 = static_cast<A>(bary[3 * p + 1]),
+              b2 = static_cast<A>(bary[3 * p + 2]);
+      for (int64_t k = 0; k < c; ++k) o[k] = b0 * a0[k] + b1 * a1[k] + b2 * a2[k];
+    }
+    for (int64_t cur = bad_face.load(); bad > cur && !bad_face.compare_exchange_weak(cur, bad);) {
+    }
+  });
+  if (const int64_t f = bad_face.load(); f >= 0)
+    throw std::invalid_argument(f == std::numeric_limits<int64_t>::max()
+                                    ? std::string("fragments mark a pixel covered with a negative face id")
+                                    : "fragments reference face " + std::to_string(f) + ", but faces has " +
+                                          std::to_string(nf) + " rows");
+}
+
+void interpolate(py::array attrs, py::array faces, py::array tri_id, py::array bary, py::array mask, py::array out,
+                 int num_threads) {
+  if (attrs.ndim() != 3) throw std::invalid_argument("attrs must have shape (N, Nv, C), got " + shape_str(attrs));
+  check_dtype_float(attrs, "attrs");
+  const int64_t n = attrs.shape(0), nv = attrs.shape(1), c = attrs.shape(2);
+  check_array(attrs, "attrs", {n, nv, c}, false);
+  if (faces.ndim() != 2 || faces.shape(1) != 3)
+    throw std::invalid_argument("faces must have shape (F, 3), got " + shape_str(faces));
+  check_dtype<int64_t>(faces, "faces", "int64");
+  const int64_t nf = faces.shape(0);
+  check_array(faces, "faces", {nf, 3}, false);
+  if (tri_id.ndim() != 3) throw std::invalid_argument("tri_id must have shape (N, H, W), got " + shape_str(tri_id));
+  const int64_t h = tri_id.shape(1), w = tri_id.shape(2);
+  check_array(tri_id, "tri_id", {n, h, w}, false);
+  check_dtype<int64_t>(tri_id, "tri_id", "int64");
+  check_array(bary, "bary", {n, h, w, 3}, false);
+  check_dtype_float(bary, "bary");
+  check_array(mask, "mask", {n, h, w}, false);
+  if (mask.dtype().kind() != 'b' || mask.itemsize() != 1) throw std::invalid_argument("mask must be bool");
+  check_array(out, "out", {n, h, w, c}, true);
+  if (!out.dtype().is(attrs.dtype())) throw std::invalid_argument("out must have the dtype of attrs");
+  const int64_t* fp = static_cast<const int64_t*>(faces.data());
+  check_face_range(fp, nf, nv);
+  const int nthreads = resolve_threads(num_threads);
+  const void* ap = attrs.data();
+  const void* bp = bary.data();
+  const int64_t* ip = static_cast<const int64_t*>(tri_id.data());
+  const uint8_t* mp = static_cast<const uint8_t*>(mask.data());
+  void* op = out.mutable_data();
+  const bool a64 = is_dtype<double>(attrs), b64 = is_dtype<double>(bary);
+  py::gil_scoped_release release;
+  if (a64 && b64)
+    interpolate_impl(static_cast<const double*>(ap), n, nv, c, fp, nf, ip, static_cast<const double*>(bp), mp, h * w,
+                     static_cast<double*>(op), nthreads);
+  else if (a64)
+    interpolate_impl(static_cast<const double*>(ap), n, nv, c, fp, nf, ip, static_cast<const float*>(bp), mp, h * w,
+                     static_cast<double*>(op), nthreads);
+  else if (b64)
+    interpolate_impl(static_cast<const float*>(ap), n, nv, c, fp, nf, ip, static_cast<const double*>(bp), mp, h * w,
+                     static_cast<float*>(op), nthreads);
+  else
+    interpolate_impl(static_cast<const float*>(ap), n, nv, c, fp, nf, ip, static_cast<const float*>(bp), mp, h * w,
+                     static_cast<float*>(op), nthreads);
+}
+
+// ------------------------------------------------------------------------------- normal map
+// Fused interpolate + renormalise + encode: n = sum_i bary_i * normals[face_i] (as interpolate),
+// unit = n / max(|n|, 1e-12), rgb = unit * 0.5 + 0.5; both 0 where mask is false. |n| is
+// accumulated in float64. Mirrors normal_map_ref.
+template <typename A, typename B>
+void normal_map_impl(const A* nrm, int64_t n, int64_t nv, const int64_t* faces, int64_t nf, const int64_t* tri_id,
+                     const B* bary, const uint8_t* mask, int64_t hw, A* unit, A* rgb, int nthreads) {
+  bool finite = true;
+  for (int64_t i = 0; i < n * nv * 3; ++i) finite &= static_cast<bool>(std::isfinite(nrm[i]));
+  if (!finite) throw std::invalid_argument("normals contain NaN or infinite values");
+  const int64_t total = n * hw;
+  const int64_t chunk = 4096;
+  std::atomic<int64_t> bad_face{-1};
+  parallel_for((total + chunk - 1) / chunk, nthreads, [&](int64_t task) {
+    const int64_t p0 = task * chunk, p1 = std::min(total, p0 + chunk);
+    int64_t bad = -1;
+    for (int64_t p = p0; p < p1; ++p) {
+      A* u = unit + 3 * p;
+      A* o = rgb + 3 * p;
+      const int64_t f = tri_id[p];
+      if (!mask[p] || f < 0 || f >= nf) {
+        if (mask[p]) bad = std::max(bad, f < 0 ? std::numeric_limits<int64_t>::max() : f);
+        u[0] = u[1] = u[2] = o[0] = o[1] = o[2] = A(0);
+        continue;
+      }
+      const int64_t img = p / hw;
+      const int64_t* fv = faces + 3 * f;
+      const A* a0 = nrm + (img * nv + fv[0]) * 3;
+      const A* a1 = nrm + (img * nv + fv[1]) * 3;
+      const A* a2 = nrm + (img * nv + fv[2]) * 3;
+      const A b0 = static_cast<A>(bary[3 * p]), b1 = static_cast<A>(bary[3 * p + 1]),
+              b2 = static_cast<A>(bary[3 * p + 2]);
+      A v[3];
+      double len2 = 0.0;
+      for (int k = 0; k < 3; ++k) {
+        v[k] = b0 * a0[k] + b1 * a1[k] + b2 * a2[k];
+        len2 += static_cast<double>(v[k]) * static_cast<double>(v[k]);
+      }
+      const A len = std::max(static_cast<A>(std::sqrt(len2)), static_cast<A>(1e-12));
+      for (int k = 0; k < 3; ++k) {
+        u[k] = v[k] / len;
+        o[k] = u[k] * A(0.5) + A(0.5);
+      }
+    }
+    for (int64_t cur = bad_face.load(); bad > cur && !bad_face.compare_exchange_weak(cur, bad);) {
+    }
+  });
+  if (const int64_t f = bad_face.load(); f >= 0)
+    throw std::invalid_argument(f == std::numeric_limits<int64_t>::max()
+                                    ? std::string("fragments mark a pixel covered with a negative face id")
+                                    : "fragments reference face " + std::to_string(f) + ", but faces has " +
+                                          std::to_string(nf) + " rows");
+}
+
+void normal_map(py::array normals, py::array faces, py::array tri_id, py::array bary, py::array mask,
+                py::array unit, py::array rgb, int num_threads) {
+  if (normals.ndim() != 3 || normals.shape(2) != 3)
+    throw std::invalid_argument("normals must have shape (N, Nv, 3), got " + shape_str(normals));
+  check_dtype_float(normals, "normals");
+  const int64_t n = normals.shape(0), nv = normals.shape(1);
+  check_array(normals, "normals", {n, nv, 3}, false);
+  if (faces.ndim() != 2 || faces.shape(1) != 3)
+    throw std::invalid_argument("faces must have shape (F, 3), got " + shape_str(faces));
+  check_dtype<int64_t>(faces, "faces", "int64");
+  const int64_t nf = faces.shape(0);
+  check_array(faces, "faces", {nf, 3}, false);
+  if (tri_id.ndim() != 3) throw std::invalid_argument("tri_id must have shape (N, H, W), got " + shape_str(tri_id));
+  const int64_t h = tri_id.shape(1), w = tri_id.shape(2);
+  check_array(tri_id, "tri_id", {n, h, w}, false);
+  check_dtype<int64_t>(tri_id, "tri_id", "int64");
+  check_array(bary, "bary", {n, h, w, 3}, false);
+  check_dtype_float(bary, "bary");
+  check_array(mask, "mask", {n, h, w}, false);
+  if (mask.dtype().kind() != 'b' || mask.itemsize() != 1) throw std::invalid_argument("mask must be bool");
+  check_array(unit, "unit", {n, h, w, 3}, true);
+  check_array(rgb, "rgb", {n, h, w, 3}, true);
+  if (!unit.dtype().is(normals.dtype()) || !rgb.dtype().is(normals.dtype()))
+    throw std::invalid_argument("unit and rgb must have the dtype of normals");
+  const int64_t* fp = static_cast<const int64_t*>(faces.data());
+  check_face_range(fp, nf, nv);
+  const int nthreads = resolve_threads(num_threads);
+  const void* ap = normals.data();
+  const void* bp = bary.data();
+  const int64_t* ip = static_cast<const int64_t*>(tri_id.data());
+  const uint8_t* mp = static_cast<const uint8_t*>(mask.data());
+  void* up = unit.mutable_data();
+  void* op = rgb.mutable_data();
+  const bool a64 = is_dtype<double>(normals), b64 = is_dtype<double>(bary);
+  py::gil_scoped_release release;
+  if (a64 && b64)
+    normal_map_impl(static_cast<const double*>(ap), n, nv, fp, nf, ip, static_cast<const double*>(bp), mp, h * w,
+                    static_cast<double*>(up), static_cast<double*>(op), nthreads);
+  else if (a64)
+    normal_map_impl(static_cast<const double*>(ap), n, nv, fp, nf, ip, static_cast<const float*>(bp), mp, h * w,
+                    static_cast<double*>(up), static_cast<double*>(op), nthreads);
+  else if (b64)
+    normal_map_impl(static_cast<const float*>(ap), n, nv, fp, nf, ip, static_cast<const double*>(bp), mp, h * w,
+                    static_cast<float*>(up), static_cast<float*>(op), nthreads);
+  else
+    normal_map_impl(static_cast<const float*>(ap), n, nv, fp, nf, ip, static_cast<const float*>(bp), mp, h * w,
+                    static_cast<float*>(up), static_cast<float*>(op), nthreads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_rasterize_cpp, m) {
+  m.doc() = "C++ CPU rasterizer and attribute interpolation for mvportrait (same results as rasterize_ref)";
+  m.def("rasterize", &rasterize, py::arg("verts").noconvert(), py::arg("faces").noconvert(), py::arg("height"),
+        py::arg("width"), py::arg("cull_backfaces"), py::arg("near"), py::arg("tri_id").noconvert(),
+        py::arg("bary").noconvert(), py::arg("depth").noconvert(), py::arg("mask").noconvert(),
+        py::arg("num_threads") = 0, py::arg("block_rows") = 0, py::arg("simd") = true,
+        "Rasterize verts (N, Nv, 3) [u, v, z] float32|float64 with faces (F, 3) int64 into the preallocated "
+        "C-contiguous outputs tri_id (N, H, W) int64, bary (N, H, W, 3), depth (N, H, W) (dtype of verts) and "
+        "mask (N, H, W) bool. num_threads <= 0: std::thread::hardware_concurrency(); block_rows <= 0: 32 rows "
+        "per task; simd=False runs the scalar row loop (the same results; for tests). Releases the GIL.");
+  m.attr("has_simd") = py::bool_(MVP_HAVE_SSE2 != 0);
+  m.def("interpolate", &interpolate, py::arg("attrs").noconvert(), py::arg("faces").noconvert(),
+        py::arg("tri_id").noconvert(), py::arg("bary").noconvert(), py::arg("mask").noconvert(),
+        py::arg("out").noconvert(), py::arg("num_threads") = 0,
+        "out (N, H, W, C) = perspective-correct interpolation of attrs (N, Nv, C) over the fragments; 0 where "
+        "mask is false. Releases the GIL.");
+  m.def("normal_map", &normal_map, py::arg("normals").noconvert(), py::arg("faces").noconvert(),
+        py::arg("tri_id").noconvert(), py::arg("bary").noconvert(), py::arg("mask").noconvert(),
+        py::arg("unit").noconvert(), py::arg("rgb").noconvert(), py::arg("num_threads") = 0,
+        "Fused interpolate + renormalise + encode of per-vertex normals (N, Nv, 3): unit (N, H, W, 3) and "
+        "rgb = unit * 0.5 + 0.5 (N, H, W, 3), 0 where mask is false. Releases the GIL.");
+  m.def("hardware_threads", []() { return resolve_threads(0); }, "std::thread::hardware_concurrency() (>= 1)");
+}
