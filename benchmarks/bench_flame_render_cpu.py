@@ -52,10 +52,12 @@ def main():
     colors = torch.from_numpy(vertex_colors(head, Appearance.default()))
     with torch.inference_mode():
         out = m(p)
-        for modes in (("normal", "depth", "mask"), ("shaded",)):
-            s = timeit(lambda: render(out.vertices, m.faces, rig, vertex_colors=colors, modes=modes), repeat=rep)
-            rows.append(row("render_frame", "torch-ref", "latency", "ms", [x * 1e3 for x in s],
-                            {"views": 4, "size": f"{size}x{size}", "modes": "+".join(modes)}))
+        for impl in ("ref", "cpp"):
+            for modes in (("normal", "depth", "mask"), ("shaded",)):
+                s = timeit(lambda: render(out.vertices, m.faces, rig, vertex_colors=colors, modes=modes, impl=impl),
+                           repeat=rep)
+                rows.append(row("render_frame", "torch-ref" if impl == "ref" else "cpp", "latency", "ms",
+                                [x * 1e3 for x in s], {"views": 4, "size": f"{size}x{size}", "modes": "+".join(modes)}))
     path = write(rows, "flame_render_cpu.json")
     for r in rows:
         print(f"{r['name']:>14} {r['config']}: p50 {r['p50']:.1f} {r['unit']}, p90 {r['p90']:.1f}")

@@ -179,6 +179,165 @@ def cmd_render(args) -> int:
     return 0
 
 
+def _bar_phase(quiet: bool):
+    """on_phase callback for library loops: one tqdm bar per phase, loss in the postfix."""
+    from tqdm import tqdm
+
+    state = {"bar": None}
+
+    def on_phase(desc: str, total: int):
+        if state["bar"] is not None:
+            state["bar"].close()
+        bar = tqdm(total=total, desc=desc, disable=quiet or None, dynamic_ncols=True, file=sys.stderr)
+        state["bar"] = bar
+
+        def update(n: int, info: dict):
+            bar.update(n)
+            if "loss" in info and bar.n % 25 == 0:
+                bar.set_postfix(loss=f"{info['loss']:.4f}")
+            if bar.n >= bar.total:
+                bar.close()
+        return update
+    return on_phase
+
+
+def cmd_train_stage1(args) -> int:
+    from mvportrait.config import DENOISER_PRESETS
+    from mvportrait.train.stage1 import KINDS, train_stage1
+
+    if args.config not in DENOISER_PRESETS:
+        raise CliError(f"--config must be one of {', '.join(DENOISER_PRESETS)}, got {args.config!r}")
+    if args.steps is not None and args.steps < 1:
+        raise CliError(f"--steps must be >= 1, got {args.steps}")
+    if args.batch is not None and args.batch < 1:
+        raise CliError(f"--batch must be >= 1, got {args.batch}")
+    overrides = {}
+    if args.corpus_size:
+        overrides["corpus_size"] = args.corpus_size
+    if args.corpus_seed is not None:
+        overrides["corpus_seed"] = args.corpus_seed
+    if args.checkpoint_every:
+        overrides["checkpoint_every"] = args.checkpoint_every
+    if args.lr:
+        overrides["lr"] = args.lr
+    cfg_overrides = {"prediction": args.prediction} if args.prediction else {}
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from_cli = bool(sys.argv) and sys.argv[0].endswith(("mvportrait", "__main__.py"))
+    command = "mvportrait " + " ".join(sys.argv[1:]) if from_cli else None
+    t0 = time.perf_counter()
+    summary = train_stage1(args.config, args.out, steps=args.steps, batch=args.batch, seed=args.seed,
+                           resume=args.resume, text_encoder=args.text_encoder,
+                           kinds=tuple(args.only) if args.only else KINDS, train_overrides=overrides,
+                           config_overrides=cfg_overrides, cache_dir=args.cache, on_phase=_bar_phase(args.quiet),
+                           command=command)
+    for kind, m in summary["models"].items():
+        loss = (m["final_loss"] or {}).get("loss")
+        print(f"{kind}DM: {m['params']} params, {m['wall_s']:.0f} s, final loss {loss}, -> {m['weights']} "
+              f"({m['bytes'] / 1024:.0f} KiB)")
+    print(f"trained stage 1 ({args.config}) in {time.perf_counter() - t0:.0f} s -> {Path(args.out) / 'final'}")
+    return 0
+
+
+def _steps_arg(value: int) -> int:
+    if not 1 <= value <= 1000:
+        raise CliError(f"--steps must be in [1, 1000], got {value}")
+    return value
+
+
+def cmd_text2flame(args) -> int:
+    from mvportrait.engine.text2flame import Text2FLAME
+    from mvportrait.flame import io as flame_io
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".npz":
+        raise CliError(f"--out must be a .npz file, got {out}")
+    if not out.parent.exists():
+        raise CliError(f"output folder {out.parent} does not exist")
+    if args.render and Path(args.render).suffix.lower() not in (".mp4", ".png", ".jpg", ".jpeg"):
+        raise CliError(f"--render must end in .mp4, .png or .jpg, got {args.render}")
+    if not (args.prompt or (args.motion and args.emotion)):
+        raise CliError("give --prompt (or both --motion and --emotion)")
+    _steps_arg(args.steps)
+    pipe = Text2FLAME.from_pretrained(args.weights)
+    params = pipe.generate(args.prompt or "", motion=args.motion, emotion=args.emotion, seconds=args.seconds,
+                           fps=args.fps, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    t = pipe.last_timings
+    flame_io.save_sequence(out, params)
+    motion_text, emotion_text = t.extra["parts"]
+    print(f"motion: {motion_text!r}  emotion: {emotion_text!r}")
+    print(f"wrote {out} ({params.num_frames} frames at {args.fps:g} fps): text {t.encode_s * 1000:.0f} ms, "
+          f"MotionDM {t.motion_s * 1000:.0f} ms, EmotionDM {t.emotion_s * 1000:.0f} ms ({args.steps} DDIM steps)")
+    if args.render:
+        ns = argparse.Namespace(out=args.render, size=args.size, model=args.model, seed=0, params=str(out),
+                                fps=None, max_frames=None, views=args.views, camera="static", identity_seed=None,
+                                mode="shaded", chunk=4, cols=None, per_view=False, quiet=args.quiet, seconds=None)
+        return cmd_render(ns)
+    return 0
+
+
+def cmd_eval_stage1(args) -> int:
+    from mvportrait.engine.text2flame import Text2FLAME
+    from mvportrait.evaluation.stage1 import evaluate, to_rows
+    for st in args.steps:
+        _steps_arg(st)
+    if args.n < 4:
+        raise CliError(f"--n must be >= 4, got {args.n}")
+    out = Path(args.out)
+    if out.suffix.lower() != ".json":
+        raise CliError(f"--out must be a .json file, got {out}")
+    rows, reports = [], {}
+    for spec in args.weights or [None]:
+        label, _, path = (spec or "shipped").partition("=")
+        path = path or (None if label == "shipped" else label)
+        pipe = Text2FLAME.from_pretrained(path)
+        t0 = time.perf_counter()
+
+        def show(r, label=label):
+            print(f"[{label}] steps={r['steps']:>3} smooth={r['smooth']!s:5} motion_acc={r['motion_acc']:.3f} "
+                  f"(all {r['motion_all_acc']:.3f}) emotion_acc={r['emotion_acc']:.3f} R@1={r['rprec_top1']:.3f} "
+                  f"R@3={r['rprec_top3']:.3f} jitter={r['jitter_motion']:.5f}/{r['jitter_emotion']:.5f} "
+                  f"div={r['diversity_motion']:.3f}/{r['diversity_emotion']:.3f}", flush=True)
+
+        rep = evaluate(pipe, n=args.n, steps=tuple(args.steps), guidance=args.guidance, seed=args.seed,
+                       on_progress=show)
+        rep["weights"] = pipe.meta["path"]
+        rep["preset"] = pipe.meta["motion"].get("preset")
+        rep["params"] = {k: pipe.meta[k].get("params") for k in ("motion", "emotion")}
+        rep["wall_s"] = round(time.perf_counter() - t0, 1)
+        reports[label] = rep
+        ref = rep["reference"]
+        print(f"[{label}] corpus reference: jitter={ref['jitter_motion']:.5f}/{ref['jitter_emotion']:.5f} "
+              f"div={ref['diversity_motion']:.3f}/{ref['diversity_emotion']:.3f}")
+        rows += to_rows("stage1_eval", f"{label}({rep['preset']})", rep, _result_row)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out} ({len(rows)} rows)")
+    return 0
+
+
+def _result_row(name, backend, metric, unit, samples, config) -> dict:
+    """A benchmarks/harness.py-style row (same keys) for a metric value."""
+    import platform
+    import subprocess
+
+    import torch
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        sha = "unknown"
+    v = float(samples[0])
+    return {"name": name, "backend": backend, "metric": metric, "unit": unit, "p50": v, "p90": v, "n": 1,
+            "config": config, "device": platform.processor() or "cpu",
+            "versions": {"torch": torch.__version__, "python": platform.python_version()}, "git_sha": sha}
+
+
 # --------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mvportrait", description="Text-driven multi-view portrait animation engine.")
@@ -225,6 +384,59 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output .mp4 (grid video) or .png/.jpg (rows: 6 frames, columns: views)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_render)
+
+    tr = sub.add_parser("train", help="train the reference models")
+    tr = tr.add_subparsers(dest="train_command", metavar="STAGE")
+    tr.required = True
+    s = tr.add_parser("stage1", help="train MotionDM and EmotionDM (Text2FLAME) on the synthetic corpus")
+    s.add_argument("--config", default="paper", help="denoiser preset: paper (1 layer, width 64), small, base, tiny")
+    s.add_argument("--out", required=True, help="run folder (checkpoints, loss logs, final weights)")
+    s.add_argument("--steps", type=int, help="optimizer steps per model (default 4000)")
+    s.add_argument("--batch", type=int, help="batch size (default 64)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    s.add_argument("--only", nargs="+", choices=("motion", "emotion"), help="train only these models")
+    s.add_argument("--corpus-size", type=int, help="training clips (default 10000)")
+    s.add_argument("--corpus-seed", type=int, help="corpus seed (default 0)")
+    s.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500)")
+    s.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    s.add_argument("--prediction", choices=("sample", "v_prediction", "epsilon"),
+                   help="network output (default: the preset's, x0 'sample'); the loss is on x0 either way")
+    s.add_argument("--text-encoder", default="minilm", help="minilm (default) or hashing")
+    s.add_argument("--cache", help="folder for cached caption embeddings (default OUT/cache)")
+    s.add_argument("--threads", type=int, help="torch CPU threads")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train_stage1)
+
+    s = sub.add_parser("text2flame", help="generate a FLAME sequence from a text prompt (stage 1)")
+    s.add_argument("--prompt", help='e.g. "nods twice, then smiles"')
+    s.add_argument("--motion", help="motion text (overrides the prompt split)")
+    s.add_argument("--emotion", help="emotion text (overrides the prompt split)")
+    s.add_argument("--seconds", type=float, default=4.0)
+    s.add_argument("--fps", type=float, default=25.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    s.add_argument("--weights", help="stage-1 weights folder (default: the shipped reference models)")
+    s.add_argument("--out", required=True, help="output FLAME sequence .npz")
+    s.add_argument("--render", help="also render it: .mp4 grid video or .png/.jpg sheet")
+    s.add_argument("--views", default="ring-4", help="view rig for --render (default ring-4)")
+    s.add_argument("--size", type=int, default=256, help="pixels per view for --render")
+    s.add_argument("--model", default="synthetic", help="head for --render: synthetic or a FLAME file")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_text2flame)
+
+    ev = sub.add_parser("eval", help="evaluate the reference models")
+    ev = ev.add_subparsers(dest="eval_command", metavar="STAGE")
+    ev.required = True
+    s = ev.add_parser("stage1", help="motion/emotion control accuracy, R-precision, diversity, jitter (test split)")
+    s.add_argument("--weights", nargs="+", help="LABEL=FOLDER or FOLDER entries (default: the shipped weights)")
+    s.add_argument("--steps", type=int, nargs="+", default=[50, 10, 4], help="DDIM step counts")
+    s.add_argument("--n", type=int, default=200, help="test clips")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="benchmarks/results/stage1_eval.json")
+    s.set_defaults(func=cmd_eval_stage1)
     return p
 
 

@@ -1,0 +1,237 @@
+"""Text2FLAME (stage 1): prompt -> FLAME parameter sequence with MotionDM + EmotionDM.
+
+Pipeline::
+
+    prompt --split_prompt--> motion text, emotion text --text encoder--> pooled (1, 384) each
+    MotionDM  (DDIM, CFG) -> global | neck | jaw axis-angle (T, 9)
+    EmotionDM (DDIM, CFG) -> expression (T, n_expr)
+    window-3 moving average (the paper's smoothing; ``DenoiserConfig.smooth``) -> FlameParams
+
+Text encoding is a separate call (:meth:`Text2FLAME.encode`) from sampling (:meth:`sample`) so
+each can be timed; :meth:`generate` runs both and records ``last_timings``.
+
+Length: the models are trained on windows of ``max_frames`` frames (100 = 4 s at 25 fps). A
+request of ``n <= max_frames`` frames samples one window and keeps its first ``n`` frames. Longer
+requests are generated in windows of ``max_frames`` with ``overlap`` frames shared: window ``k``
+starts at ``k * (max_frames - overlap)``, and its first ``overlap`` frames are fixed to the last
+``overlap`` frames of window ``k - 1`` through the sampler's inpainting hook (``known`` /
+``known_mask``, in the model's normalised units), so the motion continues from where it was; the
+text conditions every window alike (the described action repeats window after window). The
+smoothing runs once over the joined sequence.
+
+Models are trained at 25 fps; other ``fps`` values resample the 25 fps output linearly in time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mvportrait.config import MOTION_DIM
+from mvportrait.drivers.text import split_prompt
+from mvportrait.engine.schedulers import DDIMSampler, NoiseSchedule
+from mvportrait.flame.params import FlameParams
+from mvportrait.models.motion_denoiser import MotionDenoiser, smooth_frames
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "stage1"
+MAX_SECONDS = 600.0
+
+
+@dataclass
+class Timings:
+    encode_s: float = 0.0
+    motion_s: float = 0.0
+    emotion_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _load(path_stem: Path) -> tuple[MotionDenoiser, dict]:
+    from safetensors.torch import load_file
+
+    from mvportrait.config import DenoiserConfig
+
+    w, j = path_stem.with_suffix(".safetensors"), path_stem.with_suffix(".json")
+    for p in (w, j):
+        if not p.is_file():
+            raise FileNotFoundError(f"stage-1 weights file {p} is missing")
+    meta = json.loads(j.read_text())
+    model = MotionDenoiser(DenoiserConfig.from_dict(meta["config"]))
+    model.load_state_dict({k: v.float() for k, v in load_file(str(w)).items()})
+    return model.eval(), meta
+
+
+def resample_frames(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, T, D) -> (B, n, D) by linear interpolation over time (same start and end)."""
+    if x.shape[1] == n:
+        return x
+    return torch.nn.functional.interpolate(x.transpose(1, 2), size=n, mode="linear",
+                                           align_corners=True).transpose(1, 2)
+
+
+class Text2FLAME:
+    """MotionDM + EmotionDM + text encoder. Build with :meth:`from_pretrained` or from modules."""
+
+    def __init__(self, motion_model: MotionDenoiser, emotion_model: MotionDenoiser, text_encoder,
+                 *, overlap: int = 20, eta: float = 0.0, timestep_spacing: str = "trailing"):
+        if motion_model.cfg.in_dim != MOTION_DIM:
+            raise ValueError(f"motion model must have in_dim {MOTION_DIM}, got {motion_model.cfg.in_dim}")
+        if text_encoder.dim != motion_model.cfg.text_dim or text_encoder.dim != emotion_model.cfg.text_dim:
+            raise ValueError(f"text encoder dim {text_encoder.dim} does not match the models' text_dim")
+        self.motion_model = motion_model.eval()
+        self.emotion_model = emotion_model.eval()
+        self.text_encoder = text_encoder
+        self.window = min(motion_model.cfg.max_frames, emotion_model.cfg.max_frames)
+        if not 0 < overlap < self.window:
+            raise ValueError(f"overlap must be in [1, {self.window - 1}], got {overlap}")
+        self.overlap = overlap
+        self.eta = eta
+        self.timestep_spacing = timestep_spacing
+        self.model_fps = float(motion_model.cfg.fps)
+        self.last_timings = Timings()
+        self._samplers: dict[int, DDIMSampler] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, *, text_encoder=None, device="cpu",
+                        **kwargs) -> "Text2FLAME":
+        """Load ``motion.{safetensors,json}`` + ``emotion.{...}`` from ``path`` (default: the shipped
+        ``mvportrait/weights/stage1``); the text encoder named in the JSON (MiniLM) unless given."""
+        from mvportrait.models.text_encoder import load_text_encoder
+
+        folder = Path(path) if path is not None else DEFAULT_WEIGHTS
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no stage-1 weights folder at {folder}")
+        motion, mmeta = _load(folder / "motion")
+        emotion, emeta = _load(folder / "emotion")
+        if text_encoder is None:
+            text_encoder = load_text_encoder(mmeta.get("text_encoder", "minilm"), device=device)
+        pipe = cls(motion.to(device), emotion.to(device), text_encoder, **kwargs)
+        pipe.meta = {"motion": mmeta, "emotion": emeta, "path": str(folder)}
+        return pipe
+
+    @property
+    def n_expr(self) -> int:
+        return self.emotion_model.cfg.in_dim
+
+    def default_guidance(self) -> dict:
+        """Guidance scale each model uses when none is given (its config's ``guidance``)."""
+        return {"motion": float(self.motion_model.cfg.guidance), "emotion": float(self.emotion_model.cfg.guidance)}
+
+    # --------------------------------------------------------------------------- stages
+    def encode(self, motion_texts: list[str], emotion_texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled embeddings (B, text_dim) of the motion and emotion texts (encoder cache applies)."""
+        m = self.text_encoder.encode(list(motion_texts)).pooled.float()
+        e = self.text_encoder.encode(list(emotion_texts)).pooled.float()
+        return m, e
+
+    def _sampler(self, model: MotionDenoiser) -> DDIMSampler:
+        key = id(model)
+        if key not in self._samplers:
+            cfg = model.cfg
+            self._samplers[key] = DDIMSampler(NoiseSchedule.from_kind(cfg.beta_schedule, cfg.train_timesteps),
+                                              prediction_type=cfg.prediction, timestep_spacing=self.timestep_spacing,
+                                              eta=self.eta)
+        return self._samplers[key]
+
+    @torch.no_grad()
+    def sample(self, model: MotionDenoiser, text: torch.Tensor, frames: int, *, steps: int = 50,
+               guidance: float | None = None, generator: torch.Generator | None = None,
+               smooth: bool = True) -> torch.Tensor:
+        """(B, frames, D) in model units (radians / coefficients) for text (B, text_dim), at the model's fps.
+
+        ``guidance`` None uses the model's default (``cfg.guidance``); 1 disables classifier-free guidance."""
+        guidance = float(model.cfg.guidance) if guidance is None else float(guidance)
+        b, w, d = text.shape[0], model.cfg.max_frames, model.cfg.in_dim
+        dev = next(model.parameters()).device
+        text = text.to(dev)
+        uncond = model.null(b).to(text.dtype)
+        sampler = self._sampler(model)
+
+        def denoise(x, t, cond):
+            return model(x, t, cond)
+
+        hop = w - self.overlap
+        n_windows = 1 if frames <= w else 1 + math.ceil((frames - w) / hop)
+        out = None  # normalised units, (B, L, D)
+        for k in range(n_windows):
+            known = mask = None
+            if out is not None:
+                known = torch.zeros(b, w, d, device=dev)
+                known[:, :self.overlap] = out[:, -self.overlap:]
+                mask = torch.zeros(1, w, 1, device=dev)
+                mask[:, :self.overlap] = 1.0
+            x = sampler.sample(denoise, (b, w, d), steps=steps, generator=generator, guidance_scale=guidance,
+                               cond=text, uncond=uncond, known=known, known_mask=mask, device=dev)
+            out = x if out is None else torch.cat([out, x[:, self.overlap:]], dim=1)
+        x = model.denormalize(out[:, :frames])
+        if smooth:
+            x = smooth_frames(x, model.cfg.smooth)
+        return x
+
+    # -------------------------------------------------------------------------- generate
+    def generate(self, prompt: str = "", *, motion: str | None = None, emotion: str | None = None,
+                 seconds: float = 4.0, fps: float = 25.0, seed: int = 0, steps: int = 50,
+                 guidance: float | None = None, shape: torch.Tensor | None = None, n_shape: int = 300,
+                 n_expr: int | None = None, smooth: bool = True) -> FlameParams:
+        """One FLAME sequence (B=1) of ``round(seconds * fps)`` frames for ``prompt``.
+
+        ``motion`` / ``emotion`` override that part of the prompt split. ``shape`` (n_shape,) or
+        (1, n_shape) is the identity (zeros if None). ``n_expr`` (default: the model's) pads the
+        expression with zeros (or truncates it) for a FLAME model with another count. The same
+        ``seed`` and arguments give the same output.
+        """
+        for name, v in (("seconds", seconds), ("fps", fps)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+        if seconds > MAX_SECONDS:
+            raise ValueError(f"seconds must be at most {MAX_SECONDS:g}, got {seconds}")
+        if not 1 <= fps <= 240:
+            raise ValueError(f"fps must be in [1, 240], got {fps}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+            raise ValueError(f"steps must be an int in [1, 1000], got {steps!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        frames = int(round(seconds * fps))
+        if frames < 1:
+            raise ValueError(f"seconds * fps gives no frame ({seconds} s at {fps} fps)")
+        parts = split_prompt(prompt, motion=motion, emotion=emotion)
+        model_frames = max(2, int(round(seconds * self.model_fps)))
+
+        t0 = time.perf_counter()
+        m_text, e_text = self.encode([parts.motion], [parts.emotion])
+        t1 = time.perf_counter()
+        g = torch.Generator().manual_seed(seed)
+        pose = self.sample(self.motion_model, m_text, model_frames, steps=steps, guidance=guidance, generator=g,
+                           smooth=smooth)
+        t2 = time.perf_counter()
+        g = torch.Generator().manual_seed(seed + 1_000_003)
+        expr = self.sample(self.emotion_model, e_text, model_frames, steps=steps, guidance=guidance, generator=g,
+                           smooth=smooth)
+        t3 = time.perf_counter()
+        self.last_timings = Timings(encode_s=t1 - t0, motion_s=t2 - t1, emotion_s=t3 - t2,
+                                    extra={"frames": frames, "steps": steps, "parts": (parts.motion, parts.emotion)})
+        pose, expr = resample_frames(pose.cpu(), frames), resample_frames(expr.cpu(), frames)
+        want = self.n_expr if n_expr is None else int(n_expr)
+        if want > expr.shape[-1]:
+            expr = torch.nn.functional.pad(expr, (0, want - expr.shape[-1]))
+        elif want < expr.shape[-1]:
+            expr = expr[..., :want]
+        if shape is None:
+            shape_t = torch.zeros(1, n_shape)
+        else:
+            shape_t = torch.as_tensor(shape, dtype=torch.float32)
+            if shape_t.ndim == 1:
+                shape_t = shape_t[None]
+            if shape_t.ndim != 2 or shape_t.shape[0] != 1:
+                raise ValueError(f"shape must be (n_shape,) or (1, n_shape), got {tuple(shape_t.shape)}")
+        return FlameParams(shape=shape_t, expression=expr, global_pose=pose[..., 0:3].contiguous(),
+                           neck_pose=pose[..., 3:6].contiguous(), jaw_pose=pose[..., 6:9].contiguous(), fps=float(fps))
+
+
+__all__ = ["Text2FLAME", "Timings", "resample_frames", "DEFAULT_WEIGHTS"]
