@@ -34,11 +34,11 @@ Not here (yet): the full multi-view attention with views folded into the token s
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 
 import torch
+
+from mvportrait.kernels._triton import launcher, triton_available, triton_kernel
 
 # Triton is imported on the first Triton call (see lbs.py: TRITON_INTERPRET is read when triton
 # itself is imported, so importing mvportrait must not import it).
@@ -81,13 +81,7 @@ def axis_attention_cost(shape, axis: str, dtype: torch.dtype = torch.float16) ->
 
 
 # ----------------------------------------------------------------------------- Triton kernel
-def _triton_kernel(fn):
-    """Mark ``fn`` as a Triton kernel; ``_launcher`` jit-compiles (or interprets) it on first use."""
-    fn.__triton_kernel__ = True
-    return fn
-
-
-@_triton_kernel
+@triton_kernel
 def _axis_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, P, O, NPOS, L, D, qk_scale,
                            sq_b, sq_o, sq_n, sq_l, sq_c,
                            sk_b, sk_o, sk_n, sk_l, sk_c,
@@ -133,39 +127,6 @@ def _axis_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, P, O, NPOS, L, D, qk_scal
 
 
 # ------------------------------------------------------------------------------ dispatch
-_LAUNCHERS: dict = {}
-
-
-@functools.cache
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _launcher(kernel, device: torch.device, op: str):
-    """``kernel`` as Triton can launch it now (compiled, or interpreted under TRITON_INTERPRET=1)."""
-    global triton, tl
-    if triton is None:
-        try:
-            import triton as _triton
-            import triton.language as _tl
-        except ImportError as e:
-            raise RuntimeError(f"{op}: impl='triton' needs the triton package (pip install triton)") from e
-        triton, tl = _triton, _tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    interpret = bool(triton.knobs.runtime.interpret)
-    if interpret != isinstance(triton.language.standard.zeros, InterpretedFunction):
-        raise RuntimeError(f"{op}: TRITON_INTERPRET={int(interpret)} now, but triton was imported with it "
-                           f"{'off' if interpret else 'on'}; set TRITON_INTERPRET before the first import of "
-                           "triton in the process")
-    if not interpret and device.type != "cuda":
-        raise RuntimeError(f"{op}: impl='triton' with {device.type} tensors runs only under the Triton "
-                           "interpreter (set TRITON_INTERPRET=1 before triton is imported); use CUDA tensors "
-                           "or impl='ref'/'auto'")
-    key = (kernel, interpret)
-    if key not in _LAUNCHERS:
-        _LAUNCHERS[key] = InterpretedFunction(kernel) if interpret else triton.jit(kernel)
-    return _LAUNCHERS[key]
 
 
 def _next_pow2(x: int) -> int:
@@ -215,11 +176,11 @@ def axis_attention(q, k, v, heads: int, axis: str, *, scale: float | None = None
             raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
     if impl not in _IMPLS:
         raise ValueError(f"axis_attention: impl must be one of {', '.join(_IMPLS)}, got {impl!r}")
-    use_triton = impl == "triton" or (impl == "auto" and q.device.type == "cuda" and _triton_available())
+    use_triton = impl == "triton" or (impl == "auto" and q.device.type == "cuda" and triton_available())
     if not use_triton:
         res = axis_attention_ref(q, k, v, heads, axis, scale=scale)
         return res if out is None else out.copy_(res)
-    kernel = _launcher(_axis_attention_kernel, q.device, "axis_attention")
+    kernel = launcher(_axis_attention_kernel, q.device, "axis_attention")
     b, nv, nf, n, c = q.shape
     d = c // heads
     dim = AXES[axis]

@@ -52,14 +52,14 @@ reference. There is no C++ LBS.
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 
 import torch
 
+from mvportrait.kernels._triton import launcher, triton_available, triton_kernel
+
 # Triton is optional and imported on the first Triton call, not here: importing mvportrait never
 # imports triton, so TRITON_INTERPRET (which triton reads when *it* is imported) can still be set
-# after importing mvportrait. The kernels below are plain functions until ``_launcher`` wraps them.
+# after importing mvportrait. The kernels below are plain functions until ``_triton.launcher`` wraps them.
 triton = None
 tl = None
 
@@ -148,13 +148,7 @@ def _check(name, t, shape, dtype=None, device=None):
 
 
 # ----------------------------------------------------------------------------- Triton kernels
-def _triton_kernel(fn):
-    """Mark ``fn`` as a Triton kernel; ``_launcher`` jit-compiles (or interprets) it on first use."""
-    fn.__triton_kernel__ = True
-    return fn
-
-
-@_triton_kernel
+@triton_kernel
 def _lbs_kernel(coef_ptr, feat_ptr, tmpl_ptr, dirs_ptr, pdirs_ptr, w_ptr, a_ptr, trans_ptr, out_ptr,
                 N, V, K, P, J,
                 HAS_TRANS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -223,7 +217,7 @@ def _lbs_kernel(coef_ptr, feat_ptr, tmpl_ptr, dirs_ptr, pdirs_ptr, w_ptr, a_ptr,
     tl.store(dst + 1, oy.to(out_ptr.dtype.element_ty), mask=m)
     tl.store(dst + 2, oz.to(out_ptr.dtype.element_ty), mask=m)
 
-@_triton_kernel
+@triton_kernel
 def _vertex_normals_kernel(verts_ptr, faces_ptr, vf_ptr, out_ptr, V, M,
                            BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr):
     # verts (N, V, 3); faces (F, 3) int32; vf (V, M) int32, -1 padded; out (N, V, 3).
@@ -259,50 +253,6 @@ def _vertex_normals_kernel(verts_ptr, faces_ptr, vf_ptr, out_ptr, V, M,
 
 
 # ------------------------------------------------------------------------------ dispatch
-_LAUNCHERS: dict = {}
-
-
-@functools.cache
-def triton_available() -> bool:
-    """Whether the triton package can be imported (checked once, without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def _import_triton(op: str):
-    global triton, tl
-    if triton is None:
-        try:
-            import triton as _triton
-            import triton.language as _tl
-        except ImportError as e:
-            raise RuntimeError(f"{op}: impl='triton' needs the triton package (pip install triton)") from e
-        triton, tl = _triton, _tl
-    return triton
-
-
-def _launcher(kernel, device: torch.device, op: str):
-    """``kernel`` (a plain function marked ``@_triton_kernel``) as Triton can launch it now.
-
-    Triton decides compiled vs interpreted from ``TRITON_INTERPRET`` once, when triton itself
-    is imported (its own ``@jit`` helpers such as ``tl.zeros`` are wrapped then). We import it
-    lazily and wrap our kernels to match; a flag changed after that import is an error.
-    """
-    _import_triton(op)
-    from triton.runtime.interpreter import InterpretedFunction
-
-    interpret = bool(triton.knobs.runtime.interpret)
-    if interpret != isinstance(triton.language.standard.zeros, InterpretedFunction):
-        raise RuntimeError(f"{op}: TRITON_INTERPRET={int(interpret)} now, but triton was imported with it "
-                           f"{'off' if interpret else 'on'}; set TRITON_INTERPRET before the first import of "
-                           "triton in the process")
-    if not interpret and device.type != "cuda":
-        raise RuntimeError(f"{op}: impl='triton' with {device.type} tensors runs only under the Triton "
-                           "interpreter (set TRITON_INTERPRET=1 before triton is imported); use CUDA tensors "
-                           "or impl='ref'/'auto'")
-    key = (kernel, interpret)
-    if key not in _LAUNCHERS:
-        _LAUNCHERS[key] = InterpretedFunction(kernel) if interpret else triton.jit(kernel)
-    return _LAUNCHERS[key]
 
 
 def _use_triton(impl: str, device: torch.device, dtype: torch.dtype, op: str) -> bool:
@@ -407,7 +357,7 @@ def vertex_normals(verts, faces, vertex_faces=None, *, out=None, impl="auto"):
     if vertex_faces is None:
         vertex_faces = construct_vertex_faces(faces, nv)
     _check("vertex_faces", vertex_faces, (nv, None), torch.int32, verts.device)
-    kernel = _launcher(_vertex_normals_kernel, verts.device, "vertex_normals")
+    kernel = launcher(_vertex_normals_kernel, verts.device, "vertex_normals")
     verts = verts.contiguous()
     vf = vertex_faces.contiguous()
     if out is None:
@@ -437,7 +387,7 @@ def lbs_cost(n: int, nv: int, k: int, nj: int = 5, dtype: torch.dtype = torch.fl
 
 
 def _lbs_triton(coeffs, pose, v_template, dirs, posedirs, parents, weights, translation, joint_basis, out):
-    kernel = _launcher(_lbs_kernel, v_template.device, "lbs")
+    kernel = launcher(_lbs_kernel, v_template.device, "lbs")
     n, k = coeffs.shape
     nv, nj = weights.shape
     p = posedirs.shape[2]
