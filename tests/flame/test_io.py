@@ -1,11 +1,7 @@
 """FLAME model / landmark / sequence files: FLAME-layout pickles, our npz, tracker outputs."""
 import importlib.util
-import io
 import logging
 import pickle
-import struct
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -20,57 +16,9 @@ from mvportrait.flame.unpickle import UnsafePickleError
 NV, NF, NS, NE = 50, 80, 10, 5
 
 
-# ------------------------------------------------------- FLAME-layout Python-2 pickles
-class _Py2Pickler(pickle._Pickler):
-    """Protocol-2 pickler that writes bytes as Python 2 ``str`` (BINSTRING), like the FLAME files."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def _save_str(self, obj):
-        head = pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256 else pickle.BINSTRING + struct.pack("<i", len(obj))
-        self.write(head + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = _save_str
-
-
-def py2_dumps(obj) -> bytes:
-    buf = io.BytesIO()
-    _Py2Pickler(buf, protocol=2).dump(obj)
-    return buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
-
-
 @pytest.fixture
-def fake(monkeypatch):
-    """Fake ``chumpy.ch.Ch`` and old-path ``scipy.sparse.csc.csc_matrix`` so the GLOBALs match FLAME's."""
-
-    class Ch:
-        def __init__(self, x):
-            self.x = np.asarray(x, dtype=np.float64)
-            self._dirty_vars, self._itr, self._depends_on_deps = {b"x"}, None, {}
-
-        def __getstate__(self):
-            return {k.encode(): v for k, v in self.__dict__.items()}
-
-    class csc_matrix:  # noqa: N801 - scipy's name
-        def __init__(self, dense):
-            rows, cols = np.nonzero(dense.T)
-            self.data, self.indices = dense.T[rows, cols], cols.astype(np.int32)
-            self.indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=dense.shape[1]))]).astype(np.int32)
-            self._shape, self.maxprint = dense.shape, 50
-
-        def __getstate__(self):
-            return {k.encode(): v for k, v in self.__dict__.items()}
-
-    mods = {n: types.ModuleType(n) for n in ("chumpy", "chumpy.ch", "scipy.sparse.csc")}
-    if importlib.util.find_spec("scipy") is None:
-        mods["scipy"], mods["scipy.sparse"] = types.ModuleType("scipy"), types.ModuleType("scipy.sparse")
-    for cls, mod in ((Ch, "chumpy.ch"), (csc_matrix, "scipy.sparse.csc")):
-        cls.__module__, cls.__qualname__ = mod, cls.__name__
-        setattr(mods[mod], cls.__name__, cls)
-    for name, mod in mods.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    return types.SimpleNamespace(Ch=Ch, csc_matrix=csc_matrix)
+def fake(fake_modules):
+    return fake_modules
 
 
 def flame_arrays(seed=0):
@@ -106,7 +54,7 @@ def flame_pickle(fake, arrays, sparse="fake", drop=()):
     d = {k: v for k, v in d.items() if k not in drop}
     if sparse != "fake":
         return pickle.dumps(d, protocol=2)
-    return py2_dumps({k.encode(): v for k, v in d.items()})  # Python 2 str keys
+    return fake.dumps({k.encode(): v for k, v in d.items()})  # Python 2 str keys
 
 
 def random_params(b=2, t=3, seed=0):
@@ -276,7 +224,7 @@ def _embedding(n, seed=0):
 def test_landmarks_flame_static_pickle(fake, tmp_path):
     faces, bary = _embedding(51)
     (tmp_path / "flame_static_embedding.pkl").write_bytes(
-        py2_dumps({b"lmk_face_idx": faces.astype(np.uint32), b"lmk_b_coords": bary}))
+        fake.dumps({b"lmk_face_idx": faces.astype(np.uint32), b"lmk_b_coords": bary}))
     f, b = load_landmark_embedding(tmp_path / "flame_static_embedding.pkl")
     assert f.dtype == np.int64 and f.shape == (51,) and np.array_equal(f, faces) and np.array_equal(b, bary)
 

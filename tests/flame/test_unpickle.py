@@ -1,11 +1,8 @@
 """Restricted unpickler: FLAME-style pickles load as plain arrays; anything else is refused."""
 import importlib.util
-import io
 import os
 import pickle
 import struct
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -14,84 +11,11 @@ from mvportrait.flame.unpickle import (CorruptPickleError, Unresolved, UnsafePic
                                        restricted_load, restricted_loads)
 
 
-# ----------------------------------------------------------------- Python-2 style pickles
-class _Py2Pickler(pickle._Pickler):
-    """Protocol-2 pickler that writes bytes as Python 2 ``str`` (BINSTRING), like the FLAME files."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def _save_str(self, obj):
-        if len(obj) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = _save_str
-
-
-def py2_dumps(obj) -> bytes:
-    buf = io.BytesIO()
-    _Py2Pickler(buf, protocol=2).dump(obj)
-    # numpy 2 names its module numpy._core; the FLAME files were written by numpy 1.x.
-    return buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
-
-
-@pytest.fixture
-def fake_modules(monkeypatch):
-    """Fake ``chumpy.ch.Ch``, ``chumpy.ch_ops.add`` and old-path ``scipy.sparse.csc.csc_matrix``."""
-
-    class Ch:
-        def __init__(self, x):
-            self.x = np.asarray(x, dtype=np.float64)
-            self._dirty_vars = {b"x"}
-            self._itr = None
-            self._depends_on_deps = {}
-            self._make_dense = False
-            self._make_sparse = False
-
-        def __getstate__(self):
-            return {k.encode(): v for k, v in self.__dict__.items()}
-
-    class add:  # noqa: N801 - chumpy's name
-        def __init__(self, a, b):
-            self.a, self.b = a, b
-
-        def __getstate__(self):
-            return {b"a": self.a, b"b": self.b}
-
-    class csc_matrix:  # noqa: N801 - scipy's name
-        def __init__(self, dense):
-            dense = np.asarray(dense, dtype=np.float64)
-            rows, cols = np.nonzero(dense.T)  # column-major order
-            self.data = dense.T[rows, cols]
-            self.indices = cols.astype(np.int32)
-            self.indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=dense.shape[1]))]).astype(np.int32)
-            self._shape = dense.shape
-            self.maxprint = 50
-            self.format = "csc"
-
-        def __getstate__(self):
-            return {k.encode(): v for k, v in self.__dict__.items()}
-
-    mods = {}
-    for name in ("chumpy", "chumpy.ch", "chumpy.ch_ops", "scipy.sparse.csc"):
-        mods[name] = types.ModuleType(name)
-    if importlib.util.find_spec("scipy") is None:  # parents must be importable for the pickler
-        mods["scipy"], mods["scipy.sparse"] = types.ModuleType("scipy"), types.ModuleType("scipy.sparse")
-    for cls, mod in ((Ch, "chumpy.ch"), (add, "chumpy.ch_ops"), (csc_matrix, "scipy.sparse.csc")):
-        cls.__module__, cls.__qualname__ = mod, cls.__name__
-        setattr(mods[mod], cls.__name__, cls)
-    for name, mod in mods.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    return types.SimpleNamespace(Ch=Ch, add=add, csc_matrix=csc_matrix)
-
-
 # ----------------------------------------------------------------------------- loading
 def test_py2_chumpy_and_old_scipy_load_as_arrays(fake_modules):
     rng = np.random.default_rng(0)
     x, dense = rng.normal(size=(7, 3)), rng.random((3, 6)) * (rng.random((3, 6)) > 0.5)
-    data = py2_dumps({b"v": fake_modules.Ch(x), b"J": fake_modules.csc_matrix(dense), b"f": np.arange(6, dtype=np.uint32),
+    data = fake_modules.dumps({b"v": fake_modules.Ch(x), b"J": fake_modules.csc_matrix(dense), b"f": np.arange(6, dtype=np.uint32),
                       b"style": b"lbs", b"nested": [fake_modules.Ch(x[:2])]})
     assert b"cchumpy.ch\nCh\n" in data and b"cscipy.sparse.csc\ncsc_matrix\n" in data
     assert b"cnumpy.core.multiarray\n_reconstruct\n" in data and b"c__builtin__\nset\n" in data
@@ -113,7 +37,7 @@ def test_old_protocols_use_copyreg_reconstructor(fake_modules, protocol):
 
 
 def test_chumpy_expression_becomes_unresolved_marker(fake_modules):
-    out = restricted_loads(py2_dumps({b"J": fake_modules.add(fake_modules.Ch(np.ones(3)), 1.0), b"ok": np.ones(2)}))
+    out = restricted_loads(fake_modules.dumps({b"J": fake_modules.add(fake_modules.Ch(np.ones(3)), 1.0), b"ok": np.ones(2)}))
     assert isinstance(out["J"], Unresolved) and out["J"].qualname == "chumpy.ch_ops.add"
     assert np.array_equal(out["ok"], np.ones(2))
 
