@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from mvportrait.fileio import atomic_write
+
 logger = logging.getLogger("mvportrait")
 
 RENDER_MODES = ("shaded", "normal", "depth", "mask")
@@ -313,9 +315,7 @@ def cmd_eval_stage1(args) -> int:
               f"div={ref['diversity_motion']:.3f}/{ref['diversity_emotion']:.3f}")
         rows += to_rows("stage1_eval", f"{label}({rep['preset']})", rep, _result_row)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    tmp.replace(out)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1) + "\n"))
     print(f"wrote {out} ({len(rows)} rows)")
     return 0
 

@@ -63,13 +63,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mvportrait.fileio import atomic_write
 from mvportrait.flame.model import ARRAY_SHAPES, FlameModel
 from mvportrait.flame.params import FlameParams
 from mvportrait.flame.unpickle import Unresolved, load_npy_object, restricted_load
@@ -102,23 +102,14 @@ def _sniff(path: Path) -> str:
 
 def _atomic_savez(path, arrays: dict):
     """np.savez into a temp file beside ``path``, then rename: no half-written file on failure."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+    atomic_write(path, write)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from mvportrait.fileio import atomic_write
 __all__ = ["make_grid", "write_video", "read_video", "write_image", "save_frames", "VIDEO_SUFFIXES",
            "IMAGE_SUFFIXES", "CONTACT_SHEET_FRAMES"]
 
@@ -70,29 +69,6 @@ def make_grid(frames, cols: int | None = None, pad: int = 2, pad_value: int = 0)
     return grid
 
 
-def _atomic_target(path) -> Path:
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"directory {str(path.parent)!r} for {path.name!r} does not exist")
-    return path
-
-
-def _write_atomic(path: Path, write):
-    """Call ``write(tmp_path)`` then rename the temp file over ``path``; clean up on failure."""
-    # a fresh hidden name beside the target (created by the writer, so it gets the usual umask
-    # permissions); os.replace is atomic within one directory
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _pick_codec() -> str:
     import av
 
@@ -109,7 +85,7 @@ def write_video(path, frames, fps: float = 25.0, *, crf: int = 18) -> Path:
 
     yuv420p needs even sizes: odd heights / widths are padded by repeating the last row / column.
     """
-    path = _atomic_target(path)
+    path = Path(path)
     arr = _to_numpy_uint8(frames, "frames", 4)
     if not (isinstance(fps, (int, float)) and not isinstance(fps, bool) and math.isfinite(fps) and fps > 0):
         raise ValueError(f"fps must be a positive number, got {fps!r}")
@@ -137,7 +113,7 @@ def write_video(path, frames, fps: float = 25.0, *, crf: int = 18) -> Path:
             for packet in stream.encode():
                 container.mux(packet)
 
-    _write_atomic(path, write)
+    atomic_write(path, write)
     logger.info("wrote %s (%d frames, %dx%d, %s, %.3g fps)", path, t, arr.shape[2], arr.shape[1], codec, fps)
     return path
 
@@ -160,13 +136,13 @@ def write_image(path, image) -> Path:
     """Write one (H, W, 3) (or (H, W) / (H, W, 1)) uint8 image; format from the suffix."""
     from PIL import Image
 
-    path = _atomic_target(path)
+    path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
         raise ValueError(f"unsupported image suffix {path.suffix!r}; use one of {', '.join(IMAGE_SUFFIXES)}")
     arr = _to_numpy_uint8(image, "image", 3)
     fmt = "PNG" if suffix == ".png" else "JPEG"
-    _write_atomic(path, lambda tmp: Image.fromarray(arr, mode="RGB").save(tmp, format=fmt))
+    atomic_write(path, lambda tmp: Image.fromarray(arr, mode="RGB").save(tmp, format=fmt))
     logger.info("wrote %s (%dx%d)", path, arr.shape[1], arr.shape[0])
     return path
 

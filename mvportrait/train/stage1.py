@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from mvportrait.config import DenoiserConfig, Stage1TrainConfig
 from mvportrait.data.corpus import Text2FlameCorpus
 from mvportrait.engine.schedulers import NoiseSchedule
+from mvportrait.fileio import atomic_write
 from mvportrait.models.motion_denoiser import MotionDenoiser, diffusion_loss
 
 log = logging.getLogger(__name__)
@@ -92,9 +93,12 @@ def load_data(kind: str, train_cfg: Stage1TrainConfig, encoder, encoder_name: st
     text = encode_captions(encoder, caps, on_progress=on_progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, text)
-        os.replace(tmp, path)
+
+        def write(tmp):
+            with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
+                np.save(f, text)
+
+        atomic_write(path, write)
     return x, text
 
 
@@ -181,8 +185,7 @@ def train_model(kind: str, cfg: DenoiserConfig, tc: Stage1TrainConfig, x: np.nda
         tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
         tensors.update({f"ema.{k}": v.contiguous() for k, v in ema.state_dict().items()})
         tensors.update(_optimizer_tensors(opt, names))
-        save_file(tensors, str(ckpt) + ".tmp")
-        os.replace(str(ckpt) + ".tmp", ckpt)
+        atomic_write(ckpt, lambda tmp: save_file(tensors, tmp))
         meta_path.write_text(json.dumps({"step": step, "kind": kind, "seed": seed, "config": cfg.to_dict(),
                                          "train": tc.to_dict()}, indent=1))
 
