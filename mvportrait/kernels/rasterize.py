@@ -382,23 +382,38 @@ def rasterize(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, width: 
     return rasterize_ref(verts_pix, faces, height, width, cull_backfaces=bool(cull_backfaces), near=float(near))
 
 
+def _check_vertex_attrs(name: str, t, frags, channels: int | None = None) -> None:
+    """Per-vertex attributes (N, Nv, C) matching the fragments' batch, dtype and device."""
+    if not isinstance(frags, Fragments):
+        raise TypeError(f"frags must be Fragments, got {type(frags).__name__}")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    n, c = frags.tri_id.shape[0], channels or "C"
+    if t.dim() != 3 or (channels is not None and t.shape[-1] != channels):
+        raise ValueError(f"{name} must have shape (N, Nv, {c}), got {tuple(t.shape)}")
+    if t.shape[0] != n:
+        raise ValueError(f"{name} must have shape (N={n}, Nv, {c}) like the fragments, got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
+    if frags.tri_id.device != t.device:
+        raise ValueError(f"{name} are on {t.device}, fragments on {frags.tri_id.device}")
+
+
+def _check_ref_values(t, faces, frags, nan_message: str) -> None:
+    """What the reference path checks before use (the C++ path checks the same itself)."""
+    if not torch.isfinite(t).all():
+        raise ValueError(nan_message)
+    if frags.mask.any() and int(frags.tri_id.max()) >= faces.shape[0]:
+        raise ValueError(f"fragments reference face {int(frags.tri_id.max())}, but faces has {faces.shape[0]} rows")
+
+
 def interpolate(attrs: torch.Tensor, faces: torch.Tensor, frags: Fragments, *, impl: str | None = "auto") -> torch.Tensor:
     """Validating entry point for :func:`interpolate_ref`: attrs (N, Nv, C) -> (N, H, W, C).
 
     ``impl`` as for :func:`rasterize`; ``"cpp"`` runs a multithreaded per-pixel loop (same
     operations as the reference: barycentrics cast to the attrs dtype, ``(b0 a0 + b1 a1) + b2 a2``).
     """
-    if not isinstance(frags, Fragments):
-        raise TypeError(f"frags must be Fragments, got {type(frags).__name__}")
-    if not isinstance(attrs, torch.Tensor):
-        raise TypeError(f"attrs must be a torch.Tensor, got {type(attrs).__name__}")
-    n = frags.tri_id.shape[0]
-    if attrs.dim() != 3 or attrs.shape[0] != n:
-        raise ValueError(f"attrs must have shape (N={n}, Nv, C), got {tuple(attrs.shape)}")
-    if not attrs.is_floating_point():
-        raise ValueError(f"attrs must be a floating tensor, got {attrs.dtype}")
-    if frags.tri_id.device != attrs.device:
-        raise ValueError(f"attrs are on {attrs.device}, fragments on {frags.tri_id.device}")
+    _check_vertex_attrs("attrs", attrs, frags)
     use_cpp = _pick_impl(impl, attrs.device, "interpolation") == "cpp"
     # the C++ path checks finiteness, face indices and fragment face ids itself (same messages)
     faces = _check_faces(faces, attrs.shape[1], attrs.device, check_range=not use_cpp)
@@ -406,10 +421,7 @@ def interpolate(attrs: torch.Tensor, faces: torch.Tensor, frags: Fragments, *, i
         from . import cpu  # noqa: PLC0415
 
         return cpu.interpolate(attrs, faces, frags)
-    if not torch.isfinite(attrs).all():
-        raise ValueError("attrs contains NaN or infinite values")
-    if frags.mask.any() and int(frags.tri_id.max()) >= faces.shape[0]:
-        raise ValueError(f"fragments reference face {int(frags.tri_id.max())}, but faces has {faces.shape[0]} rows")
+    _check_ref_values(attrs, faces, frags, "attrs contains NaN or infinite values")
     return interpolate_ref(attrs, faces, frags)
 
 
@@ -420,26 +432,12 @@ def normal_map(normals: torch.Tensor, faces: torch.Tensor, frags: Fragments, *,
     ``impl`` as for :func:`rasterize`; ``"cpp"`` fuses interpolation, renormalisation and the
     encoding into one pass over the pixels (|n| accumulated in float64).
     """
-    if not isinstance(normals, torch.Tensor):
-        raise TypeError(f"normals must be a torch.Tensor, got {type(normals).__name__}")
-    if normals.dim() != 3 or normals.shape[-1] != 3:
-        raise ValueError(f"normals must have shape (N, Nv, 3), got {tuple(normals.shape)}")
-    if not isinstance(frags, Fragments):
-        raise TypeError(f"frags must be Fragments, got {type(frags).__name__}")
-    if normals.shape[0] != frags.tri_id.shape[0]:
-        raise ValueError(f"normals must have shape (N={frags.tri_id.shape[0]}, Nv, 3), got {tuple(normals.shape)}")
-    if not normals.is_floating_point():
-        raise ValueError(f"normals must be a floating tensor, got {normals.dtype}")
-    if frags.tri_id.device != normals.device:
-        raise ValueError(f"normals are on {normals.device}, fragments on {frags.tri_id.device}")
+    _check_vertex_attrs("normals", normals, frags, channels=3)
     use_cpp = _pick_impl(impl, normals.device, "normal map") == "cpp"
     faces = _check_faces(faces, normals.shape[1], normals.device, check_range=not use_cpp)
     if use_cpp:
         from . import cpu  # noqa: PLC0415
 
         return cpu.normal_map(normals, faces, frags)
-    if not torch.isfinite(normals).all():
-        raise ValueError("normals contain NaN or infinite values")
-    if frags.mask.any() and int(frags.tri_id.max()) >= faces.shape[0]:
-        raise ValueError(f"fragments reference face {int(frags.tri_id.max())}, but faces has {faces.shape[0]} rows")
+    _check_ref_values(normals, faces, frags, "normals contain NaN or infinite values")
     return normal_map_ref(normals, faces, frags)
