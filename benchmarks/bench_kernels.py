@@ -1,6 +1,6 @@
-"""Fused kernels vs their PyTorch references: LBS (+ normals) and axis attention.
+"""Fused kernels vs their PyTorch references: LBS (+ normals), axis attention, rasterizer.
 
-    python benchmarks/bench_kernels.py [--quick] [--full]
+    python benchmarks/bench_kernels.py [--quick] [--full] [--raster-sweep]
 
 Times, on whatever device is present, the reference of each op (``lbs_ref``; permute + SDPA +
 permute) and, when CUDA and triton exist, the Triton path, at the shapes the engine runs:
@@ -10,6 +10,13 @@ permute) and, when CUDA and triton exist, the Triton path, at the shapes the eng
   step and the kernel); on GPU also with a precomputed joint basis and with vertex normals.
 * Axis attention on (B=1, V=4, F=8, N, C=320) with 8 heads (D=40), q/k/v sliced from one fused
   qkv tensor, along views and along frames, N = 32*32 (and 64*64 on GPU or with ``--full``).
+
+* Rasterizer (CUDA only; the CPU rasterizer has ``bench_rasterize_cpu.py``): 4 views x 512^2
+  of the 9,976-face ``synthetic_head(0, flame_size=True)`` (one demo frame, ``ring-4`` rig),
+  ``rasterize`` alone and ``rasterize`` + ``normal_map`` (what the FLAME encoder consumes),
+  Triton vs ``rasterize_ref`` / ``normal_map_ref``: latency (ms) and triangles/s (N * F input
+  triangles per second). ``--raster-sweep`` also prints the Triton path for other tile sizes,
+  triangles per step and warp counts, and a per-kernel GPU time breakdown (not written as rows).
 
 Each timing gives a latency row (ms) and, from the bytes/FLOPs the kernel modules document
 (``lbs_cost``, ``axis_attention_cost``), achieved GB/s and (attention) TFLOP/s rows; the
@@ -104,10 +111,106 @@ def bench_axis_attention(dev, use_triton, repeat, sync, sizes):
     return rows
 
 
+def _head_views(dev, size):
+    """(4, Nv, 3) [u, v, z] of the FLAME-size synthetic head seen by the ring-4 rig, and faces."""
+    from mvportrait.flame.demo import demo_sequence
+    from mvportrait.render.cameras import view_rig
+
+    m = synthetic_head(0, flame_size=True).model
+    with torch.inference_mode():
+        verts = m(demo_sequence(1 / 25.0, 25.0), with_landmarks=False).vertices[0, 0]
+    rig = view_rig("ring-4", height=size, width=size)
+    pix = rig.project(verts[None].expand(4, -1, -1)).contiguous()
+    normals = torch.nn.functional.normalize(torch.randn(4, pix.shape[1], 3), dim=-1)
+    return pix.to(dev), m.faces.to(dev), normals.to(dev)
+
+
+def bench_rasterize(dev, repeat, sync, sweep=False):
+    """Triton vs reference rasterizer (+ normal map) on CUDA; [] elsewhere."""
+    from mvportrait.kernels import rasterize as rast
+    from mvportrait.kernels import rasterize_triton as rt
+
+    if dev != "cuda" or not rt.triton_available():
+        print("rasterizer rows skipped: they need CUDA and triton (CPU: benchmarks/bench_rasterize_cpu.py)")
+        return []
+    size = 512
+    pix, faces, normals = _head_views(dev, size)
+    n, nf = pix.shape[0], faces.shape[0]
+    cfg = {"views": n, "size": f"{size}x{size}", "faces": nf, "vertices": pix.shape[1], "dtype": "float32"}
+
+    def tri(impl):
+        return lambda: rast.rasterize(pix, faces, size, size, impl=impl)
+
+    def tri_nm(impl):
+        def run():
+            frags = rast.rasterize(pix, faces, size, size, impl=impl)
+            return rast.normal_map(normals, faces, frags, impl=impl)
+        return run
+
+    rows = []
+    cases = [("rasterize", "triton", tri("triton"), repeat), ("rasterize", "torch-ref", tri("ref"), 5),
+             ("rasterize+normal_map", "triton", tri_nm("triton"), repeat),
+             ("rasterize+normal_map", "torch-ref", tri_nm("ref"), 5)]
+    with torch.inference_mode():
+        for name, backend, fn, rep in cases:
+            s = timeit(fn, warmup=3, repeat=rep, sync=sync)
+            rows.append(row(name, backend, "latency", "ms", [x * 1e3 for x in s], cfg))
+            rows.append(row(name, backend, "throughput", "Mtri/s", [n * nf / x / 1e6 for x in s], cfg))
+        if sweep:
+            _raster_sweep(pix, faces, normals, size, sync)
+    return rows
+
+
+def _raster_sweep(pix, faces, normals, size, sync):
+    """Print the Triton rasterizer's latency over its tuning knobs and a per-kernel breakdown."""
+    import statistics
+    import time
+
+    from mvportrait.kernels import rasterize as rast
+    from mvportrait.kernels import rasterize_triton as rt
+
+    def p50(fn, repeat=20):
+        return statistics.median(timeit(fn, warmup=2, repeat=repeat, sync=sync)) * 1e3
+
+    configs = [(8, b, w) for b in (1, 2) for w in (1, 2, 4)] + [((8, 16), b, w) for b in (1, 2) for w in (2, 4)]
+    configs += [(16, 2, 4), (16, 2, 8)]
+    for tile, block_t, warps in configs:
+        try:
+            ms = p50(lambda: rt.rasterize_triton(pix, faces, size, size, tile=tile, block_t=block_t, num_warps=warps))
+        except Exception as e:  # noqa: BLE001 -- e.g. too many registers for a config
+            print(f"sweep tile={tile} block_t={block_t} warps={warps}: {type(e).__name__}: {e}"[:200])
+            continue
+        print(f"sweep tile={tile!s:>8} block_t={block_t} warps={warps}: p50 {ms:.3f} ms")
+    frags = rt.rasterize_triton(pix, faces, size, size)
+    print(f"breakdown (p50 ms): rasterize_triton {p50(lambda: rt.rasterize_triton(pix, faces, size, size)):.3f}, "
+          f"public rasterize {p50(lambda: rast.rasterize(pix, faces, size, size, impl='triton')):.3f}, "
+          f"normal_map_triton {p50(lambda: rt.normal_map_triton(normals, faces, frags)):.3f}, "
+          f"public normal_map {p50(lambda: rast.normal_map(normals, faces, frags, impl='triton')):.3f}, "
+          f"normal_map_triton unchecked {p50(lambda: rt.normal_map_triton(normals, faces, frags, check=False)):.3f}")
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(200):
+        rt.normal_map_triton(normals, faces, frags, check=False)
+    t1 = time.perf_counter()
+    sync()
+    print(f"host time per unchecked normal_map_triton call (one Triton launch + 3 allocations, no sync): "
+          f"{(t1 - t0) / 200 * 1e6:.1f} us")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            f2 = rt.rasterize_triton(pix, faces, size, size)
+            rt.normal_map_triton(normals, faces, f2)
+        sync()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    print(f"{int(frags.mask.sum())} covered pixels of {frags.mask.numel()}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--full", action="store_true", help="also N = 64*64 for attention on CPU")
+    ap.add_argument("--raster-sweep", action="store_true", help="print the Triton rasterizer over its tuning knobs")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -118,6 +221,7 @@ def main():
     rows = bench_lbs(dev, use_triton, repeat, sync)
     sizes = (32, 64) if (cuda or args.full) else (32,)
     rows += bench_axis_attention(dev, use_triton, max(3, repeat // 4) if not cuda else repeat, sync, sizes)
+    rows += bench_rasterize(dev, repeat, sync, sweep=args.raster_sweep)
     path = write(rows, f"kernels_{device_tag()}.json")
     for r in rows:
         print(f"{r['name']:>15} {r['backend']:>26} {r['metric']:>9}: p50 {r['p50']:9.3f} {r['unit']:<7} {r['config']}")

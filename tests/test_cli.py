@@ -57,6 +57,9 @@ def test_render_params_file(tmp_path):
     (["render", "--views", "spiral-3", "--out", "x.png", "--size", "32"], "spiral"),
     (["render", "--size", "4", "--out", "x.png"], "--size"),
     (["flame", "convert", "/nonexistent.pkl", "out.npz"], "does not exist"),
+    (["train", "stage1", "--out", "run", "--amp"], "--amp"),
+    (["train", "stage1", "--out", "run", "--text-model", "/nonexistent/minilm"], "--text-model"),
+    (["train", "stage1", "--out", "run", "--captions-per-clip", "0"], "--captions-per-clip"),
 ])
 def test_bad_arguments_exit_2_with_message(argv, match, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -115,3 +118,22 @@ def test_flame_convert_refuses_malicious_pickle(tmp_path, capsys):
     assert main(["flame", "convert", str(src), str(tmp_path / "out.npz")]) == 2
     err = capsys.readouterr().err
     assert "system" in err and not marker.exists() and not (tmp_path / "out.npz").exists()
+
+
+def test_train_stage1_device_and_eval_weights_dir(tmp_path, capsys):
+    import torch
+
+    run = tmp_path / "run"
+    base = ["train", "stage1", "--config", "tiny", "--text-cond", "tokens", "--text-encoder", "hashing", "--steps", "2",
+            "--batch", "2", "--corpus-size", "4", "--captions-per-clip", "1", "--warmup", "1", "-q"]
+    if not torch.cuda.is_available():
+        assert main(base + ["--out", str(tmp_path / "gpu"), "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert main(base + ["--out", str(run), "--device", "cpu", "--threads", "1"]) == 0
+    assert "on cpu" in capsys.readouterr().out
+    # tiny trains 32-frame windows; eval generates windows of that length
+    out = tmp_path / "eval.json"
+    assert main(["eval", "stage1", "--weights", str(run / "final"), "--steps", "1", "--n", "4", "--batch", "2",
+                 "--no-smooth-compare", "--split", "train", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "motion_acc=" in text and out.is_file()

@@ -2,13 +2,16 @@
 
 Pipeline::
 
-    prompt --split_prompt--> motion text, emotion text --text encoder--> pooled (1, 384) each
+    prompt --split_prompt--> motion text, emotion text --text encoder--> per model: pooled (1, 384)
+                                                      or token features (1, L, 384) + mask (1, L)
     MotionDM  (DDIM, CFG) -> global | neck | jaw axis-angle (T, 9)
     EmotionDM (DDIM, CFG) -> expression (T, n_expr)
     window-3 moving average (the paper's smoothing; ``DenoiserConfig.smooth``) -> FlameParams
 
 Text encoding is a separate call (:meth:`Text2FLAME.encode`) from sampling (:meth:`sample`) so
-each can be timed; :meth:`generate` runs both and records ``last_timings``.
+each can be timed; :meth:`generate` runs both and records ``last_timings``. A text condition is what
+the model's ``cfg.text_cond`` asks for: a (B, text_dim) tensor (``"pooled"``) or a ``(tokens, mask)``
+tuple (``"tokens"``); :func:`cond_rows` slices either by batch rows.
 
 Length: the models are trained on windows of ``max_frames`` frames (100 = 4 s at 25 fps). A
 request of ``n <= max_frames`` frames samples one window and keeps its first ``n`` frames. Longer
@@ -67,6 +70,17 @@ def _load(path_stem: Path) -> tuple[MotionDenoiser, dict]:
     return model.eval(), meta
 
 
+def cond_rows(cond, rows: slice):
+    """Rows of a text condition: a pooled (B, E) tensor or a ``(tokens, mask)`` tuple."""
+    if isinstance(cond, tuple):
+        return tuple(c[rows] for c in cond)
+    return cond[rows]
+
+
+def cond_batch(cond) -> int:
+    return (cond[0] if isinstance(cond, tuple) else cond).shape[0]
+
+
 def resample_frames(x: torch.Tensor, n: int) -> torch.Tensor:
     """(B, T, D) -> (B, n, D) by linear interpolation over time (same start and end)."""
     if x.shape[1] == n:
@@ -98,11 +112,13 @@ class Text2FLAME:
         self._samplers: dict[int, DDIMSampler] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, *, text_encoder=None, device="cpu",
+    def from_pretrained(cls, path: str | Path | None = None, *, text_encoder=None, text_model=None, device="cpu",
                         **kwargs) -> "Text2FLAME":
         """Load ``motion.{safetensors,json}`` + ``emotion.{...}`` from ``path`` (default: the shipped
-        ``mvportrait/weights/stage1``); the text encoder named in the JSON (MiniLM) unless given."""
-        from mvportrait.models.text_encoder import load_text_encoder
+        ``mvportrait/weights/stage1``); the text encoder named in the JSON (MiniLM) unless given,
+        read from the local folder ``text_model`` if set (else ``MVP_TEXT_MODEL`` / the package;
+        see ``open_text_encoder``)."""
+        from mvportrait.models.text_encoder import open_text_encoder
 
         folder = Path(path) if path is not None else DEFAULT_WEIGHTS
         if not folder.is_dir():
@@ -110,7 +126,7 @@ class Text2FLAME:
         motion, mmeta = _load(folder / "motion")
         emotion, emeta = _load(folder / "emotion")
         if text_encoder is None:
-            text_encoder = load_text_encoder(mmeta.get("text_encoder", "minilm"), device=device)
+            text_encoder = open_text_encoder(mmeta.get("text_encoder", "minilm"), text_model, device=device)
         pipe = cls(motion.to(device), emotion.to(device), text_encoder, **kwargs)
         pipe.meta = {"motion": mmeta, "emotion": emeta, "path": str(folder)}
         return pipe
@@ -124,11 +140,17 @@ class Text2FLAME:
         return {"motion": float(self.motion_model.cfg.guidance), "emotion": float(self.emotion_model.cfg.guidance)}
 
     # --------------------------------------------------------------------------- stages
-    def encode(self, motion_texts: list[str], emotion_texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled embeddings (B, text_dim) of the motion and emotion texts (encoder cache applies)."""
-        m = self.text_encoder.encode(list(motion_texts)).pooled.float()
-        e = self.text_encoder.encode(list(emotion_texts)).pooled.float()
-        return m, e
+    def encode(self, motion_texts: list[str], emotion_texts: list[str]):
+        """Text conditions of the motion and emotion texts, each in the form its model takes (a pooled
+        (B, text_dim) tensor, or ``(tokens (B, L, text_dim), mask (B, L))``); encoder cache applies."""
+        return (self._condition(self.motion_model, motion_texts),
+                self._condition(self.emotion_model, emotion_texts))
+
+    def _condition(self, model: MotionDenoiser, texts: list[str]):
+        emb = self.text_encoder.encode(list(texts))
+        if model.uses_tokens:
+            return emb.tokens.float(), emb.mask
+        return emb.pooled.float()
 
     def _sampler(self, model: MotionDenoiser) -> DDIMSampler:
         key = id(model)
@@ -140,21 +162,31 @@ class Text2FLAME:
         return self._samplers[key]
 
     @torch.no_grad()
-    def sample(self, model: MotionDenoiser, text: torch.Tensor, frames: int, *, steps: int = 50,
+    def sample(self, model: MotionDenoiser, text, frames: int, *, steps: int = 50,
                guidance: float | None = None, generator: torch.Generator | None = None,
                smooth: bool = True) -> torch.Tensor:
-        """(B, frames, D) in model units (radians / coefficients) for text (B, text_dim), at the model's fps.
+        """(B, frames, D) in model units (radians / coefficients) for a text condition (from
+        :meth:`encode`: (B, text_dim), or ``(tokens, mask)`` for a tokens model), at the model's fps.
 
         ``guidance`` None uses the model's default (``cfg.guidance``); 1 disables classifier-free guidance."""
         guidance = float(model.cfg.guidance) if guidance is None else float(guidance)
-        b, w, d = text.shape[0], model.cfg.max_frames, model.cfg.in_dim
+        if isinstance(text, tuple) != model.uses_tokens:
+            raise ValueError(f"this {model.cfg.text_cond!r} model takes "
+                             f"{'(tokens, mask)' if model.uses_tokens else 'a pooled (B, text_dim) tensor'}; "
+                             "encode the text with Text2FLAME.encode")
+        b, w, d = cond_batch(text), model.cfg.max_frames, model.cfg.in_dim
         dev = next(model.parameters()).device
-        text = text.to(dev)
-        uncond = model.null(b).to(text.dtype)
+        if model.uses_tokens:
+            tokens, mask = text[0].to(dev).float(), text[1].to(dev)
+            text = (tokens, mask)
+            uncond = model.null(b, tokens.shape[1])
+        else:
+            text = text.to(dev)
+            uncond = model.null(b).to(text.dtype)
         sampler = self._sampler(model)
 
         def denoise(x, t, cond):
-            return model(x, t, cond)
+            return model(x, t, *cond) if isinstance(cond, tuple) else model(x, t, cond)
 
         hop = w - self.overlap
         n_windows = 1 if frames <= w else 1 + math.ceil((frames - w) / hop)
@@ -234,4 +266,4 @@ class Text2FLAME:
                            neck_pose=pose[..., 3:6].contiguous(), jaw_pose=pose[..., 6:9].contiguous(), fps=float(fps))
 
 
-__all__ = ["Text2FLAME", "Timings", "resample_frames", "DEFAULT_WEIGHTS"]
+__all__ = ["Text2FLAME", "Timings", "resample_frames", "cond_rows", "DEFAULT_WEIGHTS"]

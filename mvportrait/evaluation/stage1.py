@@ -1,6 +1,7 @@
 """Evaluation of Text2FLAME on the held-out test split (wordings never seen in training).
 
-For ``n`` test clips (``Text2FlameCorpus.generate(n, seed, split="test")``) the motion caption
+For ``n`` test clips (``Text2FlameCorpus.generate(n, seed, split="test")``; ``split="train"`` scores
+the first training clips instead, to tell underfitting from failing to generalise) the motion caption
 drives MotionDM and the emotion caption drives EmotionDM (the captions themselves, not the
 prompt splitter, so the numbers measure the models). Generated sequences are 100 frames (4 s at
 25 fps), sampled with DDIM at each requested step count, with the same seeds for every setting.
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from mvportrait.data.corpus import Text2FlameCorpus
+from mvportrait.engine.text2flame import cond_rows
 from mvportrait.evaluation import emotion_analyser as ea
 from mvportrait.evaluation import motion_analyser as ma
 
@@ -114,11 +116,19 @@ def corpus_reference(corpus: Text2FlameCorpus, seed: int = 0) -> dict:
 
 @torch.no_grad()
 def evaluate(pipe, *, n: int = 200, steps=(50, 10, 4), guidance: float | None = None, seed: int = 0,
-             corpus_seed: int = 1, compare_smoothing: bool = True, batch: int = 100,
-             on_progress=None) -> dict:
+             corpus_seed: int | None = None, compare_smoothing: bool = True, batch: int = 100,
+             split: str = "test", on_progress=None) -> dict:
     """Evaluate a :class:`~mvportrait.engine.text2flame.Text2FLAME` pipeline; returns a dict with
-    ``reference`` (corpus) and ``results`` (one entry per step count and smoothing setting)."""
-    corpus = Text2FlameCorpus.generate(n, seed=corpus_seed, split="test", frames=pipe.window)
+    ``reference`` (corpus) and ``results`` (one entry per step count and smoothing setting).
+
+    ``split="test"`` (default; corpus seed 1) measures held-out wordings on unseen clips.
+    ``split="train"`` (corpus seed 0: the first ``n`` training clips with their own corpus captions)
+    measures how well the models fit what they were trained on (a diagnosis, not the target)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if corpus_seed is None:
+        corpus_seed = 1 if split == "test" else 0
+    corpus = Text2FlameCorpus.generate(n, seed=corpus_seed, split=split, frames=pipe.window)
     t0 = time.perf_counter()
     m_text, e_text = pipe.encode(corpus.motion_captions, corpus.emotion_captions)
     encode_s = time.perf_counter() - t0
@@ -132,9 +142,9 @@ def evaluate(pipe, *, n: int = 200, steps=(50, 10, 4), guidance: float | None = 
             chunks = []
             for s in range(0, n, batch):
                 g = torch.Generator().manual_seed(seed * 1000 + off * 100 + s)
-                chunks.append(pipe.sample(model, text[s:s + batch], pipe.window, steps=st, guidance=guidance,
-                                          generator=g, smooth=False))
-            raw[key] = torch.cat(chunks)
+                chunks.append(pipe.sample(model, cond_rows(text, slice(s, s + batch)), pipe.window, steps=st,
+                                          guidance=guidance, generator=g, smooth=False))
+            raw[key] = torch.cat(chunks).cpu()
         gen_s = time.perf_counter() - t0
         from mvportrait.models.motion_denoiser import smooth_frames
 
@@ -146,7 +156,7 @@ def evaluate(pipe, *, n: int = 200, steps=(50, 10, 4), guidance: float | None = 
                             **{k: round(v, 6) for k, v in metrics.items()}})
             if on_progress:
                 on_progress(results[-1])
-    return {"n": n, "corpus_seed": corpus_seed, "split": "test", "encode_s": round(encode_s, 3),
+    return {"n": n, "corpus_seed": corpus_seed, "split": split, "encode_s": round(encode_s, 3),
             "reference": corpus_reference(corpus, seed), "results": results}
 
 
@@ -155,7 +165,7 @@ def to_rows(name: str, model_label: str, report: dict, row_fn) -> list[dict]:
     rows = []
     for r in report["results"]:
         cfg = {"model": model_label, "steps": r["steps"], "smooth": r["smooth"], "guidance": r["guidance"],
-               "n": report["n"], "split": "test"}
+               "n": report["n"], "split": report.get("split", "test")}
         for k, v in r.items():
             if k in ("steps", "smooth", "guidance"):
                 continue

@@ -61,9 +61,15 @@ entry points (``rasterize`` / ``interpolate``), which dispatch on ``impl``:
   at 256^2 of the 9,976-face head in ~3.1 ms on one thread vs ~59 ms for the reference on one
   torch thread (19x), 8.5 ms vs 230 ms at 512^2 (27x). ``interpolate`` and :func:`normal_map`
   (interpolate + renormalise + RGB encoding in one pass) have C++ paths too.
-* ``"triton"``: not implemented yet (raises).
-* ``"auto"`` (default): C++ for CPU tensors when the extension is built, else the reference
-  (CUDA tensors: the reference, until the Triton kernel lands).
+* ``"triton"``: the tile-binned Triton kernels in :mod:`mvportrait.kernels.rasterize_triton`
+  (triangle setup, binning to 8x8-pixel tiles by sort, one launch over (image, tile) for every
+  view, a fused interpolation / normal-map pass). Same float64 operations as the reference with
+  no fused multiply-adds, so triangle ids, coverage and depth match it exactly (ties included);
+  one host sync per call (the pair count, read with the input checks). CUDA tensors, or CPU
+  tensors under the Triton interpreter (``TRITON_INTERPRET=1``; tests only). Measured on an
+  H200: 4 views x 512^2 of the head in ~0.45 ms vs ~4 ms for the reference on the same GPU.
+* ``"auto"`` (default): Triton for CUDA tensors when triton is installed (else the reference);
+  C++ for CPU tensors when the extension is built, else the reference.
 
 The renderer passes ``impl=mvportrait.envs.kernels()`` (``MVP_KERNELS``); this module reads no
 environment variables.
@@ -333,15 +339,22 @@ def _check_faces(faces, nv, device, *, check_range: bool = True) -> torch.Tensor
 
 
 def _pick_impl(impl, device: torch.device, what: str) -> str:
-    """``impl`` (auto | triton | cpp | ref | None = auto) -> the implementation that runs: cpp | ref."""
+    """``impl`` (auto | triton | cpp | ref | None = auto) -> the implementation that runs: triton | cpp | ref."""
     impl = "auto" if impl is None else impl
     if not isinstance(impl, str) or impl.strip().lower() not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)} (or None for auto), got {impl!r}")
     impl = impl.strip().lower()
     if impl == "ref":
         return "ref"
+    from ._triton import triton_available  # noqa: PLC0415
+
     if impl == "triton":
-        raise RuntimeError(f"Triton {what} not implemented yet; use impl='cpp' (CPU) or impl='ref'")
+        if not triton_available():
+            raise RuntimeError(f"impl='triton' {what} needs the triton package (pip install triton); "
+                               "use impl='cpp' (CPU) or impl='ref'")
+        return "triton"  # CPU tensors: the launcher raises unless TRITON_INTERPRET=1
+    if impl == "auto" and device.type == "cuda":
+        return "triton" if triton_available() else "ref"
     from . import cpu  # noqa: PLC0415 -- lazy: logs once if the extension is missing
 
     if impl == "cpp":
@@ -357,8 +370,8 @@ def rasterize(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, width: 
               cull_backfaces: bool = True, near: float = 1e-4, impl: str | None = "auto") -> Fragments:
     """Validating entry point; see the module docstring for semantics, shapes, cost and ``impl``.
 
-    ``impl``: ``"auto"`` (None), ``"cpp"``, ``"ref"`` or ``"triton"`` (not implemented yet).
-    Every implementation returns the same :class:`Fragments`.
+    ``impl``: ``"auto"`` (None), ``"triton"``, ``"cpp"`` or ``"ref"``. Every implementation returns
+    the same :class:`Fragments`.
     """
     if not isinstance(verts_pix, torch.Tensor):
         raise TypeError(f"verts_pix must be a torch.Tensor, got {type(verts_pix).__name__}")
@@ -369,10 +382,15 @@ def rasterize(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, width: 
     height, width = _check_size("height", height), _check_size("width", width)
     if isinstance(near, bool) or not isinstance(near, (int, float)) or not (math.isfinite(near) and near > 0):
         raise ValueError(f"near must be a positive number, got {near!r}")
-    use_cpp = _pick_impl(impl, verts_pix.device, "rasterizer") == "cpp"
-    # The C++ path checks finiteness and face indices itself (same messages), in its own passes
-    # over the data, instead of three extra torch reductions per call.
-    faces = _check_faces(faces, verts_pix.shape[1], verts_pix.device, check_range=not use_cpp)
+    which = _pick_impl(impl, verts_pix.device, "rasterizer")
+    use_cpp = which == "cpp"
+    # The C++ and Triton paths check finiteness and face indices themselves (same messages), in
+    # their own passes over the data (Triton: read back in the call's one host sync).
+    faces = _check_faces(faces, verts_pix.shape[1], verts_pix.device, check_range=which == "ref")
+    if which == "triton":
+        from .rasterize_triton import rasterize_triton  # noqa: PLC0415
+
+        return rasterize_triton(verts_pix, faces, height, width, cull_backfaces=bool(cull_backfaces), near=float(near))
     if use_cpp:
         from . import cpu  # noqa: PLC0415
 
@@ -411,12 +429,18 @@ def interpolate(attrs: torch.Tensor, faces: torch.Tensor, frags: Fragments, *, i
     """Validating entry point for :func:`interpolate_ref`: attrs (N, Nv, C) -> (N, H, W, C).
 
     ``impl`` as for :func:`rasterize`; ``"cpp"`` runs a multithreaded per-pixel loop (same
-    operations as the reference: barycentrics cast to the attrs dtype, ``(b0 a0 + b1 a1) + b2 a2``).
+    operations as the reference: barycentrics cast to the attrs dtype, ``(b0 a0 + b1 a1) + b2 a2``);
+    ``"triton"`` one Triton pass over the pixels (float16/bfloat16 attributes accumulate in float32).
     """
     _check_vertex_attrs("attrs", attrs, frags)
-    use_cpp = _pick_impl(impl, attrs.device, "interpolation") == "cpp"
+    which = _pick_impl(impl, attrs.device, "interpolation")
+    use_cpp = which == "cpp"
     # the C++ path checks finiteness, face indices and fragment face ids itself (same messages)
-    faces = _check_faces(faces, attrs.shape[1], attrs.device, check_range=not use_cpp)
+    faces = _check_faces(faces, attrs.shape[1], attrs.device, check_range=which == "ref")
+    if which == "triton":
+        from .rasterize_triton import interpolate_triton  # noqa: PLC0415
+
+        return interpolate_triton(attrs, faces, frags)  # value checks in the kernel
     if use_cpp:
         from . import cpu  # noqa: PLC0415
 
@@ -430,11 +454,17 @@ def normal_map(normals: torch.Tensor, faces: torch.Tensor, frags: Fragments, *,
     """Validating entry point for :func:`normal_map_ref`: normals (N, Nv, 3) -> (unit, rgb).
 
     ``impl`` as for :func:`rasterize`; ``"cpp"`` fuses interpolation, renormalisation and the
-    encoding into one pass over the pixels (|n| accumulated in float64).
+    encoding into one pass over the pixels (|n| accumulated in float64); ``"triton"`` does the
+    same in one Triton pass (in the normals' dtype, float32 for float16/bfloat16).
     """
     _check_vertex_attrs("normals", normals, frags, channels=3)
-    use_cpp = _pick_impl(impl, normals.device, "normal map") == "cpp"
-    faces = _check_faces(faces, normals.shape[1], normals.device, check_range=not use_cpp)
+    which = _pick_impl(impl, normals.device, "normal map")
+    use_cpp = which == "cpp"
+    faces = _check_faces(faces, normals.shape[1], normals.device, check_range=which == "ref")
+    if which == "triton":
+        from .rasterize_triton import normal_map_triton  # noqa: PLC0415
+
+        return normal_map_triton(normals, faces, frags)  # value checks in the kernel
     if use_cpp:
         from . import cpu  # noqa: PLC0415
 

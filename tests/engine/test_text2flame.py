@@ -97,6 +97,41 @@ def test_bad_construction():
         Text2FLAME.from_pretrained("/nonexistent/folder")
 
 
+# ------------------------------------------------------------------- token-conditioned models
+@pytest.fixture(scope="module")
+def tokens_pipe():
+    torch.manual_seed(0)
+    m = MotionDenoiser(DenoiserConfig.from_name("tiny", "motion", text_cond="tokens"))
+    e = MotionDenoiser(DenoiserConfig.from_name("tiny", "emotion"))  # pooled and tokens models mix
+    return Text2FLAME(m, e, HashingEncoder(), overlap=8)
+
+
+def test_tokens_pipeline_encodes_tokens_and_generates(tokens_pipe):
+    from mvportrait.engine.text2flame import cond_rows
+
+    (tok, mask), pooled = tokens_pipe.encode(["nods twice, then turns left", "nods"], ["smiles", "frowns"])
+    assert tok.shape[:2] == mask.shape and mask.sum(1).tolist() == [7, 3] and pooled.shape == (2, 384)
+    first = cond_rows((tok, mask), slice(1, 2))
+    assert first[0].shape[0] == 1 and torch.equal(first[1], mask[1:])
+    a = tokens_pipe.generate("nods twice, then turns left and smiles", seconds=1.0, steps=3, seed=2)
+    b = tokens_pipe.generate("nods twice, then turns left and smiles", seconds=1.0, steps=3, seed=2)
+    assert a.num_frames == 25 and torch.equal(a.neck_pose, b.neck_pose)
+    assert tokens_pipe.generate("nods", seconds=70 / 25, steps=2).num_frames == 70  # windows + inpainting
+
+
+def test_tokens_sampling_ignores_padding_and_checks_the_condition(tokens_pipe):
+    model = tokens_pipe.motion_model
+    (tok, mask), _ = tokens_pipe.encode(["nods"], ["smiles"])
+    padded = (torch.cat([tok, torch.randn(1, 4, 384)], 1), torch.cat([mask, torch.zeros(1, 4, dtype=torch.bool)], 1))
+    outs = [tokens_pipe.sample(model, c, 32, steps=3, generator=torch.Generator().manual_seed(0)) for c in
+            ((tok, mask), padded)]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="tokens"):
+        tokens_pipe.sample(model, tok[:, 0], 32, steps=2)
+    with pytest.raises(ValueError, match="pooled"):
+        tokens_pipe.sample(tokens_pipe.emotion_model, (tok, mask), 32, steps=2)
+
+
 # ------------------------------------------------------------------- the shipped reference models
 @needs_shipped
 def test_shipped_turn_left(shipped):

@@ -61,3 +61,15 @@ def test_evaluate_tiny_pipeline():
     keys = ("name", "backend", "metric", "unit", "s", "config")
     rows = to_rows("stage1_eval", "tiny", rep, lambda *a: dict(zip(keys, a)))
     assert any(r["metric"] == "motion_acc" and r["config"]["steps"] == 2 for r in rows)
+
+
+def test_evaluate_tokens_pipeline_on_the_train_split():
+    torch.manual_seed(0)
+    m = MotionDenoiser(DenoiserConfig.from_name("tiny", "motion", max_frames=100, text_cond="tokens"))
+    e = MotionDenoiser(DenoiserConfig.from_name("tiny", "emotion", max_frames=100, text_cond="tokens"))
+    rep = evaluate(Text2FLAME(m, e, HashingEncoder()), n=5, steps=(2,), batch=3, compare_smoothing=False,
+                   split="train")
+    assert rep["split"] == "train" and rep["corpus_seed"] == 0 and len(rep["results"]) == 1
+    assert 0.0 <= rep["results"][0]["motion_acc"] <= 1.0
+    with pytest.raises(ValueError, match="split"):
+        evaluate(Text2FLAME(m, e, HashingEncoder()), n=5, steps=(2,), split="val")

@@ -6,6 +6,7 @@ compared with float tolerances although they come out bit-identical on x86-64 to
 Outputs are poisoned (tri_id -7, floats NaN, mask True) before the call so unwritten elements fail.
 """
 import importlib
+import importlib.util
 import logging
 import random
 import sys
@@ -252,22 +253,15 @@ def test_mvp_kernels_env_picks_the_implementation(monkeypatch, env, expect):
     assert calls == [other] and torch.equal(out.mask, out2.mask)
 
 
-def test_triton_and_bad_impl_raise(monkeypatch):
+def test_bad_impl_raises():
     pix, faces = torch.rand(1, 3, 3) + 1, torch.tensor([[0, 1, 2]])
-    with pytest.raises(RuntimeError, match="Triton rasterizer not implemented yet"):
-        rasterize(pix, faces, 4, 4, impl="triton")
     with pytest.raises(ValueError, match="impl must be one of"):
         rasterize(pix, faces, 4, 4, impl="fast")
-    monkeypatch.setenv("MVP_KERNELS", "triton")
-    from mvportrait.render.cameras import view_rig
-    from mvportrait.render.renderer import render
-
-    with pytest.raises(RuntimeError, match="not implemented"):
-        render(torch.rand(3, 3), faces, view_rig("front", height=8, width=8), modes=("mask",))
 
 
 def test_device_and_missing_extension_rules(monkeypatch):
-    assert rast._pick_impl("auto", torch.device("cuda"), "rasterizer") == "ref"
+    expected = "triton" if importlib.util.find_spec("triton") is not None else "ref"
+    assert rast._pick_impl("auto", torch.device("cuda"), "rasterizer") == expected
     with pytest.raises(ValueError, match="CPU tensors"):
         rast._pick_impl("cpp", torch.device("cuda"), "rasterizer")
     monkeypatch.setattr(cpu, "_ext", None)

@@ -294,3 +294,54 @@ def test_normalize_prompt():
     assert len(long) <= 100 and long.endswith("word")
     with pytest.raises(TypeError):
         normalize_prompt(["nods"])
+
+
+# ----------------------------------------------------------------------------- model folder copies
+@pytest.fixture(scope="module")
+def minilm_copies(tmp_path_factory):
+    _need_minilm()
+    from mvportrait.models.text_encoder import save_text_model
+
+    root = tmp_path_factory.mktemp("minilm")
+    return {"fp32": save_text_model("minilm", root / "fp32", dtype=torch.float32),
+            "fp16": save_text_model("minilm", root / "fp16")}
+
+
+PROMPTS = ["a man nods twice, then turns to the left", "she looks very happy", "someone glances over to the right"]
+
+
+def test_folder_copy_gives_the_default_minilm_features(minilm, minilm_copies):
+    """What a GPU box without the package loads (--text-model / MVP_TEXT_MODEL) = the packaged MiniLM."""
+    ref = minilm.encode(PROMPTS)
+    same = load_text_encoder(minilm_copies["fp32"], cache_size=0).encode(PROMPTS)
+    assert torch.equal(same.mask, ref.mask)
+    torch.testing.assert_close(same.tokens, ref.tokens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(same.pooled, ref.pooled, atol=1e-6, rtol=0)
+    half = load_text_encoder(minilm_copies["fp16"], cache_size=0).encode(PROMPTS)  # fp16 weights, fp32 compute
+    assert torch.equal(half.mask, ref.mask)
+    torch.testing.assert_close(half.tokens, ref.tokens, atol=1e-2, rtol=0)
+    torch.testing.assert_close(half.pooled, ref.pooled, atol=1e-3, rtol=0)
+    from safetensors.torch import load_file
+
+    assert all(v.dtype == torch.float16 for v in load_file(str(minilm_copies["fp16"] / "model.safetensors")).values()
+               if v.is_floating_point())
+
+
+def test_open_text_encoder_reads_minilm_from_a_folder(minilm_copies, monkeypatch, tmp_path):
+    from mvportrait.models.text_encoder import open_text_encoder, save_text_model
+
+    folder = minilm_copies["fp32"]
+    assert isinstance(open_text_encoder("minilm", folder), HFEncoder)
+    monkeypatch.setenv("MVP_TEXT_MODEL", str(folder))  # the package is not consulted
+    import mvportrait.models.text_encoder as te
+
+    monkeypatch.setattr(te, "minilm_model_path", lambda: (_ for _ in ()).throw(ImportError("no package")))
+    enc = open_text_encoder("minilm")
+    assert isinstance(enc, HFEncoder) and enc.dim == 384
+    assert isinstance(open_text_encoder("hashing"), HashingEncoder)
+    with pytest.raises(ValueError, match="hashing"):
+        open_text_encoder("hashing", folder)
+    with pytest.raises(FileExistsError):
+        save_text_model(folder, folder)
+    with pytest.raises(FileNotFoundError):
+        save_text_model(tmp_path / "nothing", tmp_path / "out")

@@ -1,0 +1,263 @@
+"""FLAME2Video (stage 2): reference portrait + FLAME sequence + view rig -> V synchronized videos.
+
+Pipeline (prepare once, stream many)::
+
+    reference image --autoencoder, image embedder, reference UNet--> ReferenceContext  (once)
+    FLAME params --FLAME layer--> vertices --renderer (V views)--> normal/depth/mask maps
+        --FLAME encoder--> features (per window)
+    noise --DDIM (image guidance) over the multi-view video UNet--> latents --decoder--> frames
+
+Frame rate: the model is trained on corpus clips sampled every ``frame_stride`` frames of 25 fps
+(``fps`` in the shipped ``train_summary.json``; 12.5 fps for the shipped model). A FLAME
+sequence at another rate is resampled to the model rate (nearest frame) and the output video
+has the model rate.
+
+Long sequences: windows of ``config.frames`` frames with ``overlap`` frames shared; window k
+starts at ``k * (frames - overlap)`` and its first ``overlap`` frames are fixed to the previous
+window's last latents through the sampler's inpainting hook (``known`` / ``known_mask``), so the
+video continues without a seam. The last window is padded by repeating the last frame's
+conditioning and the padding is dropped.
+
+Identity: the FLAME shape of the sequence (``FlameParams.shape``) drives the geometry; for a
+reference whose shape is unknown, zeros (the mean head) are used. The shipped default reference
+is a held-out corpus identity whose shape is known (:data:`DEFAULT_REFERENCE_IDENTITY`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mvportrait.engine.schedulers import DDIMSampler, NoiseSchedule
+from mvportrait.flame.params import FlameParams
+from mvportrait.models.stage2 import FLAME2VideoModel, ReferenceContext
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "stage2"
+DEFAULT_REFERENCE = Path(__file__).resolve().parent.parent / "weights" / "reference" / "default.png"
+DEFAULT_FPS = 12.5
+MAX_FRAMES = 25 * 120
+
+
+@dataclass
+class Stage2Timings:
+    prepare_s: float = 0.0
+    render_s: float = 0.0
+    denoise_s: float = 0.0
+    decode_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def total_s(self) -> float:
+        return self.prepare_s + self.render_s + self.denoise_s + self.decode_s
+
+
+def _check_int(name, v, lo, hi=None):
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        raise ValueError(f"{name} must be an int in [{lo}, {hi if hi is not None else 'inf'}], got {v!r}")
+    return v
+
+
+class FLAME2Video:
+    """Stage-2 generation with a :class:`FLAME2VideoModel`; build with :meth:`from_pretrained`."""
+
+    def __init__(self, model: FLAME2VideoModel, *, fps: float = DEFAULT_FPS, overlap: int = 2,
+                 timestep_spacing: str = "trailing", head_seed: int = 0):
+        from mvportrait.data.multiview import _head
+
+        self.model = model.eval()
+        self.config = model.config
+        self.window = self.config.frames
+        if not 0 < overlap < self.window:
+            raise ValueError(f"overlap must be in [1, {self.window - 1}], got {overlap}")
+        self.overlap = overlap
+        self.fps = float(fps)
+        self.head = _head(head_seed)
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.flame = self.head.model.to(device=self.device)
+        self.sampler = DDIMSampler(NoiseSchedule.from_kind(self.config.beta_schedule, self.config.train_timesteps),
+                                   prediction_type=self.config.prediction, timestep_spacing=timestep_spacing)
+        self.last_timings = Stage2Timings()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, *, device="cpu", dtype: torch.dtype = torch.float32,
+                        **kwargs) -> "FLAME2Video":
+        """Load a model folder (default: the shipped ``mvportrait/weights/stage2``)."""
+        folder = Path(path) if path is not None else DEFAULT_WEIGHTS
+        model = FLAME2VideoModel.from_pretrained(folder, device=device, dtype=dtype)
+        summary = folder / "train_summary.json"
+        if "fps" not in kwargs and summary.is_file():
+            fps = json.loads(summary.read_text()).get("fps")
+            if fps:
+                kwargs["fps"] = float(fps)
+        pipe = cls(model, **kwargs)
+        pipe.path = str(folder)
+        return pipe
+
+    # ------------------------------------------------------------------------- reference
+    @torch.inference_mode()
+    def prepare(self, reference) -> ReferenceContext:
+        """Reference image (path, PIL image, or (3, H, W) tensor in [-1, 1]) -> ReferenceContext (once)."""
+        from mvportrait.data.images import load_reference_image
+
+        size = self.config.image_size
+        if isinstance(reference, torch.Tensor):
+            img = reference
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(f"reference tensor must be (3, H, W) in [-1, 1], got {tuple(img.shape)}")
+            if not torch.isfinite(img).all():
+                raise ValueError("reference tensor contains NaN or Inf")
+            if tuple(img.shape[1:]) != (size, size):
+                img = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="bilinear",
+                                                      antialias=True, align_corners=False)[0]
+        else:
+            img = load_reference_image(reference, size=size)
+        t0 = time.perf_counter()
+        ctx = self.model.prepare_reference(img[None].to(self.device, self.dtype))
+        self.last_timings.prepare_s = time.perf_counter() - t0
+        return ctx
+
+    # -------------------------------------------------------------------------- conditions
+    def model_frames(self, flame: FlameParams) -> torch.Tensor:
+        """Indices of the FLAME frames seen at the model rate (nearest frame)."""
+        fps = float(flame.fps or 25.0)
+        n = flame.num_frames
+        count = max(1, int(math.floor((n - 1) * self.fps / fps + 1e-6)) + 1)
+        return torch.clamp(torch.round(torch.arange(count, dtype=torch.float64) * fps / self.fps).long(), max=n - 1)
+
+    @torch.inference_mode()
+    def render_conditions(self, flame: FlameParams, views: str = "ring-4") -> tuple[torch.Tensor, object]:
+        """(1, V, T, 5, H, W) conditioning maps of the (resampled) sequence, and the cameras."""
+        from mvportrait.data.multiview import geometry_maps, rig_cameras
+        from mvportrait.render.renderer import render
+
+        if flame.batch_size != 1:
+            raise ValueError(f"FLAME2Video generates one sequence at a time; got a batch of {flame.batch_size}")
+        idx = self.model_frames(flame)
+        fp = _select_frames(flame, idx)
+        fp = fp.to(self.device)
+        verts = self.flame(fp, with_landmarks=False).vertices.float()  # (1, T, Nv, 3)
+        cams = rig_cameras(views, self.config.image_size, device=self.device)
+        out = render(verts, self.flame.faces, cams, modes=("normal", "depth", "mask"))
+        maps = geometry_maps(out)  # (1, T, V, 5, H, W)
+        return maps.transpose(1, 2).contiguous(), cams
+
+    # ---------------------------------------------------------------------------- generate
+    @torch.inference_mode()
+    def generate(self, reference, flame: FlameParams, *, views: str = "ring-4", steps: int = 25,
+                 guidance: float | None = None, seed: int = 0, ref_ctx: ReferenceContext | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Frames (T, V, H, W, 3) uint8 at :attr:`fps` for ``flame`` seen from ``views``.
+
+        ``reference`` as in :meth:`prepare` (ignored when ``ref_ctx`` is given). ``guidance``:
+        image-guidance scale (default the config's; 1 = off). Same seed and inputs -> same output.
+        """
+        _check_int("steps", steps, 1, 1000)
+        _check_int("seed", seed, 0)
+        if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))):
+            raise TypeError(f"guidance must be a number, got {type(guidance).__name__}")
+        if not isinstance(flame, FlameParams):
+            raise TypeError(f"flame must be FlameParams, got {type(flame).__name__}")
+        guidance = float(self.config.guidance if guidance is None else guidance)
+        if not math.isfinite(guidance) or guidance < 0:
+            raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
+        if flame.num_frames > MAX_FRAMES:
+            raise ValueError(f"the sequence has {flame.num_frames} frames; at most {MAX_FRAMES} are supported")
+        timings = Stage2Timings()
+        ctx = ref_ctx if ref_ctx is not None else self.prepare(reference)
+        timings.prepare_s = self.last_timings.prepare_s if ref_ctx is None else 0.0
+        t0 = time.perf_counter()
+        maps, _ = self.render_conditions(flame, views)
+        timings.render_s = time.perf_counter() - t0
+        out = self.generate_from_maps(ctx, maps, steps=steps, guidance=guidance, seed=seed, on_progress=on_progress)
+        t = self.last_timings
+        timings.denoise_s, timings.decode_s, timings.extra = t.denoise_s, t.decode_s, t.extra
+        self.last_timings = timings
+        return out
+
+    @torch.inference_mode()
+    def generate_from_maps(self, ctx: ReferenceContext, maps: torch.Tensor, *, steps: int = 25,
+                           guidance: float | None = None, seed: int = 0,
+                           on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Frames (T, V, H, W, 3) uint8 from conditioning maps (1, V, T, 5, H, W) (any cameras: the
+        maps carry the geometry) and a prepared reference; windows as in the module docstring."""
+        _check_int("steps", steps, 1, 1000)
+        _check_int("seed", seed, 0)
+        guidance = float(self.config.guidance if guidance is None else guidance)
+        if not math.isfinite(guidance) or guidance < 0:
+            raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
+        size = self.config.image_size
+        if maps.dim() != 6 or maps.shape[0] != 1 or tuple(maps.shape[3:]) != (5, size, size):
+            raise ValueError(f"maps must have shape (1, V, T, 5, {size}, {size}), got {tuple(maps.shape)}")
+        maps = maps.to(self.device, self.dtype)
+        timings = Stage2Timings()
+        _, nv, total = maps.shape[:3]
+        w, o = self.window, self.overlap
+        hop = w - o
+        n_windows = 1 if total <= w else 1 + math.ceil((total - w) / hop)
+        shape = self.model.latent_shape(1, views=nv, frames=w)
+        g = torch.Generator().manual_seed(seed)
+        done, total_steps = 0, n_windows * steps
+        lat_all = None
+        t0 = time.perf_counter()
+        for k in range(n_windows):
+            start = k * hop
+            sel = torch.clamp(torch.arange(start, start + w), max=total - 1)
+            feats = self.model.encode_renders(maps[:, :, sel.to(maps.device)])
+            known = mask = None
+            if lat_all is not None:
+                known = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                known[:, :, :o] = lat_all[:, :, start:start + o]
+                mask = torch.zeros(1, 1, w, 1, 1, 1, device=self.device, dtype=self.dtype)
+                mask[:, :, :o] = 1.0
+
+            def denoise(x, t, cond, feats=feats):
+                return self.model.denoise(x, t, feats, ctx, guidance=guidance)
+
+            def callback(i, t, x, x0):
+                nonlocal done
+                done += 1
+                if on_progress:
+                    on_progress(done, total_steps)
+
+            lat = self.sampler.sample(denoise, shape, steps=steps, generator=g, known=known, known_mask=mask,
+                                      device=self.device, dtype=self.dtype, callback=callback)
+            lat_all = lat if lat_all is None else torch.cat([lat_all, lat[:, :, o:]], dim=2)
+        lat_all = lat_all[:, :, :total]
+        timings.denoise_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = self.decode(lat_all)
+        timings.decode_s = time.perf_counter() - t0
+        timings.extra = {"frames": total, "views": nv, "windows": n_windows, "steps": steps, "guidance": guidance}
+        self.last_timings = timings
+        return out
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(1, V, T, C, h, w) latents -> (T, V, H, W, 3) uint8, one frame (all views) at a time."""
+        frames = []
+        for f in range(latents.shape[2]):
+            img = self.model.autoencoder.decode(latents[0, :, f])  # (V, 3, H, W)
+            frames.append(((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
+        return torch.stack(frames).cpu()
+
+
+def _select_frames(flame: FlameParams, idx: torch.Tensor) -> FlameParams:
+    """The frames ``idx`` of a (1, T) sequence (per-frame fields indexed; shape kept)."""
+    kw = {}
+    for name in ("shape", "expression", "global_pose", "neck_pose", "jaw_pose", "eye_pose", "translation"):
+        v = getattr(flame, name, None)
+        if v is not None:
+            kw[name] = v[:, idx.to(v.device)]
+    return FlameParams(fps=flame.fps, **kw)
+
+
+__all__ = ["FLAME2Video", "Stage2Timings", "DEFAULT_WEIGHTS", "DEFAULT_REFERENCE", "DEFAULT_FPS"]

@@ -1,0 +1,87 @@
+"""FLAME2Video pipeline: shapes, determinism, reference cache reuse, window seams, bad inputs."""
+import numpy as np
+import pytest
+import torch
+
+from mvportrait.engine.flame2video import FLAME2Video, _select_frames
+from mvportrait.flame.demo import demo_sequence
+from mvportrait.flame.params import FlameParams
+
+
+@pytest.fixture(scope="module")
+def pipe(stage2_micro_run):
+    out, _ = stage2_micro_run
+    return FLAME2Video.from_pretrained(out / "final", overlap=1)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(3, 40, 40, generator=g) * 2 - 1
+
+
+def test_shapes_fps_and_determinism(pipe, ref):
+    fp = demo_sequence(seconds=0.5)  # 25 fps -> every other frame at the model's 12.5 fps
+    n = (fp.num_frames - 1) // 2 + 1
+    a = pipe.generate(ref, fp, views="ring-2", steps=2, seed=3)
+    assert pipe.fps == pytest.approx(12.5)
+    assert a.shape == (n, 2, 32, 32, 3) and a.dtype == torch.uint8
+    b = pipe.generate(ref, fp, views="ring-2", steps=2, seed=3)
+    assert torch.equal(a, b)
+    c = pipe.generate(ref, fp, views="ring-2", steps=2, seed=4)
+    assert not torch.equal(a, c)
+    assert pipe.last_timings.extra["windows"] == n - 1  # window 2, overlap 1 -> hop 1
+    other = pipe.generate(ref, fp, views="ring-3", steps=1, seed=3)
+    assert other.shape[1] == 3
+
+
+def test_prepared_reference_equals_recomputing(pipe, ref):
+    fp = demo_sequence(seconds=0.2)
+    ctx = pipe.prepare(ref)
+    a = pipe.generate(None, fp, views="ring-2", steps=2, seed=1, ref_ctx=ctx)
+    b = pipe.generate(ref, fp, views="ring-2", steps=2, seed=1)
+    assert torch.equal(a, b)
+
+
+def test_windows_continue_the_previous_latents(pipe, ref):
+    """Overlap frames of window k are fixed to window k-1's latents: the joined sequence equals a
+    run whose first window is the same, and no frame pair at a border jumps more than inside."""
+    fp = demo_sequence(seconds=1.0)
+    ctx = pipe.prepare(ref)
+    maps, _ = pipe.render_conditions(fp, "ring-2")
+    full = pipe.generate_from_maps(ctx, maps, steps=2, seed=0)
+    first = pipe.generate_from_maps(ctx, maps[:, :, :2], steps=2, seed=0)
+    assert torch.equal(full[:2], first)
+    d = (full[1:].float() - full[:-1].float()).abs().mean((1, 2, 3, 4))
+    assert torch.isfinite(d).all() and d.max() < 4 * d.mean() + 1.0
+
+
+def test_model_frames_resample_by_fps(pipe):
+    fp = demo_sequence(seconds=1.0, fps=50.0)  # 50 frames at 50 fps -> 13 at 12.5 fps
+    idx = pipe.model_frames(fp)
+    assert len(idx) == 13 and idx[0] == 0 and idx[1] == 4 and int(idx[-1]) == 48
+    sel = _select_frames(fp, idx)
+    assert sel.num_frames == 13 and torch.equal(sel.jaw_pose[0, 1], fp.jaw_pose[0, 4])
+
+
+def test_bad_inputs(pipe, ref, tmp_path):
+    fp = demo_sequence(seconds=0.2)
+    with pytest.raises(ValueError, match="steps"):
+        pipe.generate(ref, fp, steps=0)
+    with pytest.raises(ValueError, match="guidance"):
+        pipe.generate(ref, fp, guidance=float("nan"))
+    with pytest.raises(TypeError, match="FlameParams"):
+        pipe.generate(ref, np.zeros((3, 9)))
+    with pytest.raises(ValueError, match="NaN"):
+        pipe.prepare(torch.full((3, 32, 32), float("nan")))
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        pipe.prepare(torch.zeros(4, 32, 32))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError):
+        pipe.prepare(bad)
+    two = FlameParams.cat([fp, fp], dim=0)
+    with pytest.raises(ValueError, match="one sequence"):
+        pipe.render_conditions(two, "ring-2")
+    with pytest.raises(ValueError, match="maps must have shape"):
+        pipe.generate_from_maps(pipe.prepare(ref), torch.zeros(1, 2, 3, 4, 32, 32))
