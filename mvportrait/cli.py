@@ -496,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     from mvportrait.cli_stage2 import register
 
     register(sub, tr, ev)
+    __import__("mvportrait.cli_stream").cli_stream.register(sub)  # stream
+    __import__("mvportrait.cli_export").cli_export.register(sub)  # export onnx | tensorrt
     return p
 
 

@@ -129,8 +129,17 @@ def cmd_generate(args) -> int:
         raise cli.CliError(f"reference image {reference} does not exist")
     # identity shape: known for the shipped portrait (a corpus identity), the mean head otherwise
     shape = torch.from_numpy(identity_shape(DEFAULT_REFERENCE_IDENTITY)) if not args.reference else None
+    from mvportrait import envs
+    from mvportrait.engine.backends import BackendUnavailable, check_backend
+
+    try:
+        stages = envs.parse_backend_spec(args.backend) if args.backend else envs.parse_backend_spec(envs.backend())
+        for name in set(stages.values()):
+            check_backend(name, args.device)
+    except (ValueError, BackendUnavailable) as e:
+        raise cli.CliError(f"--backend: {e}") from None
     t_start = time.perf_counter()
-    pipe = FLAME2Video.from_pretrained(args.weights, device=args.device)
+    pipe = FLAME2Video.from_pretrained(args.weights, device=args.device, backend=args.backend)
     try:
         ctx = pipe.prepare(reference)
     except ValueError as e:
@@ -148,7 +157,7 @@ def cmd_generate(args) -> int:
     else:
         from mvportrait.engine.text2flame import Text2FLAME
 
-        t2f = Text2FLAME.from_pretrained(args.stage1_weights, device="cpu")
+        t2f = Text2FLAME.from_pretrained(args.stage1_weights, device="cpu", backend=args.backend)
         flame = t2f.generate(args.prompt or "", motion=args.motion, emotion=args.emotion, seconds=args.seconds,
                              fps=25.0, seed=args.seed, steps=args.stage1_steps,
                              shape=shape if shape is not None else None)
@@ -167,7 +176,8 @@ def cmd_generate(args) -> int:
             write_video(p, frames[:, v].numpy(), fps=pipe.fps)
             written.append(str(p))
     n = frames.shape[0]
-    print(f"stage 2: {n} frames x {frames.shape[1]} views at {pipe.fps:g} fps, {args.steps} DDIM steps: render "
+    print(f"stage 2 ({pipe.backend}): {n} frames x {frames.shape[1]} views at {pipe.fps:g} fps, {args.steps} DDIM "
+          f"steps: render "
           f"{t.render_s:.1f} s, denoise {t.denoise_s:.1f} s, decode {t.decode_s:.1f} s "
           f"({(t.denoise_s + t.decode_s) / max(1, n):.2f} s per frame, all views)")
     print(f"wrote {', '.join(written)} in {time.perf_counter() - t_start:.0f} s")
@@ -264,6 +274,8 @@ def register(sub, train_sub, eval_sub) -> None:
     s.add_argument("--weights", help="stage-2 model folder (default: the shipped one)")
     s.add_argument("--stage1-weights", help="stage-1 weights folder (default: the shipped one)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    s.add_argument("--backend", help="torch | compile | onnxruntime | tensorrt, or per stage: "
+                                      "stage1=torch,stage2=onnxruntime (default: MVP_BACKEND, else torch)")
     s.add_argument("--threads", type=int, help="torch CPU threads")
     s.add_argument("--per-view", action="store_true", help="also write one video per view (OUT_view0.mp4, ...)")
     s.add_argument("--out", default="out.mp4", help="multi-view grid video (.mp4)")

@@ -18,6 +18,10 @@ window's last latents through the sampler's inpainting hook (``known`` / ``known
 video continues without a seam. The last window is padded by repeating the last frame's
 conditioning and the padding is dropped.
 
+Backends: ``backend`` (``torch`` | ``compile`` | ``onnxruntime`` | ``tensorrt``, or a per-stage spec;
+default ``MVP_BACKEND``) picks what runs the networks (``engine/backends.py``); the pipeline code is
+the same for all of them. ``cache`` is the artifact cache exports and engines come from.
+
 Identity: the FLAME shape of the sequence (``FlameParams.shape``) drives the geometry; for a
 reference whose shape is unknown, zeros (the mean head) are used. The shipped default reference
 is a held-out corpus identity whose shape is known (:data:`DEFAULT_REFERENCE_IDENTITY`).
@@ -69,10 +73,13 @@ class FLAME2Video:
     """Stage-2 generation with a :class:`FLAME2VideoModel`; build with :meth:`from_pretrained`."""
 
     def __init__(self, model: FLAME2VideoModel, *, fps: float = DEFAULT_FPS, overlap: int = 2,
-                 timestep_spacing: str = "trailing", head_seed: int = 0):
+                 timestep_spacing: str = "trailing", head_seed: int = 0, backend: str | None = None,
+                 cache=None):
         from mvportrait.data.multiview import _head
+        from mvportrait.engine.backends import resolve_backend, stage2_model
 
-        self.model = model.eval()
+        self.backend = resolve_backend("stage2", backend)
+        self.model = stage2_model(model.eval(), self.backend, cache=cache).eval()
         self.config = model.config
         self.window = self.config.frames
         if not 0 < overlap < self.window:
@@ -90,7 +97,8 @@ class FLAME2Video:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, device="cpu", dtype: torch.dtype = torch.float32,
                         **kwargs) -> "FLAME2Video":
-        """Load a model folder (default: the shipped ``mvportrait/weights/stage2``)."""
+        """Load a model folder (default: the shipped ``mvportrait/weights/stage2``); ``kwargs`` go to the
+        constructor (``backend``, ``overlap``, ...)."""
         folder = Path(path) if path is not None else DEFAULT_WEIGHTS
         model = FLAME2VideoModel.from_pretrained(folder, device=device, dtype=dtype)
         summary = folder / "train_summary.json"
@@ -136,19 +144,27 @@ class FLAME2Video:
     @torch.inference_mode()
     def render_conditions(self, flame: FlameParams, views: str = "ring-4") -> tuple[torch.Tensor, object]:
         """(1, V, T, 5, H, W) conditioning maps of the (resampled) sequence, and the cameras."""
-        from mvportrait.data.multiview import geometry_maps, rig_cameras
-        from mvportrait.render.renderer import render
+        from mvportrait.data.multiview import rig_cameras
 
         if flame.batch_size != 1:
             raise ValueError(f"FLAME2Video generates one sequence at a time; got a batch of {flame.batch_size}")
         idx = self.model_frames(flame)
         fp = _select_frames(flame, idx)
-        fp = fp.to(self.device)
-        verts = self.flame(fp, with_landmarks=False).vertices.float()  # (1, T, Nv, 3)
         cams = rig_cameras(views, self.config.image_size, device=self.device)
-        out = render(verts, self.flame.faces, cams, modes=("normal", "depth", "mask"))
+        return self.render_maps(fp, cams), cams
+
+    @torch.inference_mode()
+    def render_maps(self, flame: FlameParams, cameras) -> torch.Tensor:
+        """(1, V, T, 5, H, W) conditioning maps of the frames of a (1, T) sequence as they are (no
+        resampling) from ``cameras``: a (V,) rig or a (T, V) per-frame trajectory of image size
+        ``config.image_size`` (the streaming runtime renders each window's new frames with this)."""
+        from mvportrait.data.multiview import geometry_maps
+        from mvportrait.render.renderer import render
+
+        verts = self.flame(flame.to(self.device), with_landmarks=False).vertices.float()  # (1, T, Nv, 3)
+        out = render(verts, self.flame.faces, cameras, modes=("normal", "depth", "mask"))
         maps = geometry_maps(out)  # (1, T, V, 5, H, W)
-        return maps.transpose(1, 2).contiguous(), cams
+        return maps.transpose(1, 2).contiguous()
 
     # ---------------------------------------------------------------------------- generate
     @torch.inference_mode()

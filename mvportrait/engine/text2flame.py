@@ -22,6 +22,10 @@ starts at ``k * (max_frames - overlap)``, and its first ``overlap`` frames are f
 text conditions every window alike (the described action repeats window after window). The
 smoothing runs once over the joined sequence.
 
+Backends: ``backend`` (``torch`` | ``compile`` | ``onnxruntime`` | ``tensorrt``, or a per-stage spec;
+default ``MVP_BACKEND``) runs MotionDM, EmotionDM and the text encoder's network through
+``engine/backends.py``; the sampling code is the same for all of them.
+
 Models are trained at 25 fps; other ``fps`` values resample the 25 fps output linearly in time.
 """
 from __future__ import annotations
@@ -93,11 +97,17 @@ class Text2FLAME:
     """MotionDM + EmotionDM + text encoder. Build with :meth:`from_pretrained` or from modules."""
 
     def __init__(self, motion_model: MotionDenoiser, emotion_model: MotionDenoiser, text_encoder,
-                 *, overlap: int = 20, eta: float = 0.0, timestep_spacing: str = "trailing"):
+                 *, overlap: int = 20, eta: float = 0.0, timestep_spacing: str = "trailing",
+                 backend: str | None = None, cache=None):
+        from mvportrait.engine.backends import resolve_backend, stage1_models
+
         if motion_model.cfg.in_dim != MOTION_DIM:
             raise ValueError(f"motion model must have in_dim {MOTION_DIM}, got {motion_model.cfg.in_dim}")
         if text_encoder.dim != motion_model.cfg.text_dim or text_encoder.dim != emotion_model.cfg.text_dim:
             raise ValueError(f"text encoder dim {text_encoder.dim} does not match the models' text_dim")
+        self.backend = resolve_backend("stage1", backend)
+        motion_model, emotion_model, text_encoder = stage1_models(motion_model, emotion_model, text_encoder,
+                                                                  self.backend, cache=cache)
         self.motion_model = motion_model.eval()
         self.emotion_model = emotion_model.eval()
         self.text_encoder = text_encoder
@@ -161,6 +171,50 @@ class Text2FLAME:
                                               eta=self.eta)
         return self._samplers[key]
 
+    def text_pair(self, model: MotionDenoiser, text) -> tuple:
+        """(cond, uncond) on the model's device for a text condition from :meth:`encode` (checked against
+        the model's ``text_cond``); what :meth:`sample_window` takes."""
+        if isinstance(text, tuple) != model.uses_tokens:
+            raise ValueError(f"this {model.cfg.text_cond!r} model takes "
+                             f"{'(tokens, mask)' if model.uses_tokens else 'a pooled (B, text_dim) tensor'}; "
+                             "encode the text with Text2FLAME.encode")
+        b = cond_batch(text)
+        dev = next(model.parameters()).device
+        if model.uses_tokens:
+            tokens, mask = text[0].to(dev).float(), text[1].to(dev)
+            return (tokens, mask), model.null(b, tokens.shape[1])
+        text = text.to(dev)
+        return text, model.null(b).to(text.dtype)
+
+    @torch.no_grad()
+    def sample_window(self, model: MotionDenoiser, cond, uncond, *, known: torch.Tensor | None = None,
+                      steps: int = 50, guidance: float | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """One window (B, max_frames, D) in normalised units (no smoothing) for ``(cond, uncond)`` from
+        :meth:`text_pair`. ``known`` (B, overlap, D), normalised: the previous window's last frames,
+        fixed as this window's first ``overlap`` frames through the sampler's inpainting hook. The
+        building block of :meth:`sample` and of the streaming runtime's stage 1."""
+        guidance = float(model.cfg.guidance) if guidance is None else float(guidance)
+        b, w, d = cond_batch(cond), model.cfg.max_frames, model.cfg.in_dim
+        dev = next(model.parameters()).device
+        sampler = self._sampler(model)
+
+        def denoise(x, t, c):
+            return model(x, t, *c) if isinstance(c, tuple) else model(x, t, c)
+
+        mask = None
+        if known is not None:
+            o = known.shape[1]
+            if known.dim() != 3 or known.shape[0] != b or known.shape[2] != d or not 0 < o < w:
+                raise ValueError(f"known must have shape ({b}, overlap < {w}, {d}), got {tuple(known.shape)}")
+            full = torch.zeros(b, w, d, device=dev)
+            full[:, :o] = known
+            known = full
+            mask = torch.zeros(1, w, 1, device=dev)
+            mask[:, :o] = 1.0
+        return sampler.sample(denoise, (b, w, d), steps=steps, generator=generator, guidance_scale=guidance,
+                              cond=cond, uncond=uncond, known=known, known_mask=mask, device=dev)
+
     @torch.no_grad()
     def sample(self, model: MotionDenoiser, text, frames: int, *, steps: int = 50,
                guidance: float | None = None, generator: torch.Generator | None = None,
@@ -169,37 +223,15 @@ class Text2FLAME:
         :meth:`encode`: (B, text_dim), or ``(tokens, mask)`` for a tokens model), at the model's fps.
 
         ``guidance`` None uses the model's default (``cfg.guidance``); 1 disables classifier-free guidance."""
-        guidance = float(model.cfg.guidance) if guidance is None else float(guidance)
-        if isinstance(text, tuple) != model.uses_tokens:
-            raise ValueError(f"this {model.cfg.text_cond!r} model takes "
-                             f"{'(tokens, mask)' if model.uses_tokens else 'a pooled (B, text_dim) tensor'}; "
-                             "encode the text with Text2FLAME.encode")
-        b, w, d = cond_batch(text), model.cfg.max_frames, model.cfg.in_dim
-        dev = next(model.parameters()).device
-        if model.uses_tokens:
-            tokens, mask = text[0].to(dev).float(), text[1].to(dev)
-            text = (tokens, mask)
-            uncond = model.null(b, tokens.shape[1])
-        else:
-            text = text.to(dev)
-            uncond = model.null(b).to(text.dtype)
-        sampler = self._sampler(model)
-
-        def denoise(x, t, cond):
-            return model(x, t, *cond) if isinstance(cond, tuple) else model(x, t, cond)
-
+        cond, uncond = self.text_pair(model, text)
+        w = model.cfg.max_frames
         hop = w - self.overlap
         n_windows = 1 if frames <= w else 1 + math.ceil((frames - w) / hop)
         out = None  # normalised units, (B, L, D)
-        for k in range(n_windows):
-            known = mask = None
-            if out is not None:
-                known = torch.zeros(b, w, d, device=dev)
-                known[:, :self.overlap] = out[:, -self.overlap:]
-                mask = torch.zeros(1, w, 1, device=dev)
-                mask[:, :self.overlap] = 1.0
-            x = sampler.sample(denoise, (b, w, d), steps=steps, generator=generator, guidance_scale=guidance,
-                               cond=text, uncond=uncond, known=known, known_mask=mask, device=dev)
+        for _ in range(n_windows):
+            known = None if out is None else out[:, -self.overlap:]
+            x = self.sample_window(model, cond, uncond, known=known, steps=steps, guidance=guidance,
+                                   generator=generator)
             out = x if out is None else torch.cat([out, x[:, self.overlap:]], dim=1)
         x = model.denormalize(out[:, :frames])
         if smooth:

@@ -1,0 +1,376 @@
+"""Streaming runtime: prepare once, then stream multi-view frames as they are ready.
+
+::
+
+    engine = StreamingEngine.from_pretrained()
+    engine.prepare("me.png", "nods slowly, then smiles", views="ring-4", steps=4, seed=0)
+    with engine.stream() as frames:             # async: async with engine.stream() as frames: async for ...
+        for frame in frames:                    # StreamFrame(index, timestamp, views (V, H, W, 3) uint8, timings)
+            show(frame.views)
+            if frame.index == 50:
+                engine.update(emotion="looks surprised")   # live, effective from the next window
+
+Pipeline (one worker thread; stage 1 has its own look-ahead thread, :mod:`.stream_stage1`)::
+
+    driver (text: MotionDM + EmotionDM windows with continuity | a FLAME sequence)
+      -> FLAME params of a window's new frames, rendered just in time from the view rig
+      -> FLAME encoder features  -> stream-batched denoising (below)  -> decode  -> FrameQueue (paced)
+
+**Windows.** Stage 2 works on windows of ``W = config.frames`` frames sharing ``O = overlap`` frames
+with the previous window (as :meth:`FLAME2Video.generate_from_maps`): window ``k`` starts at frame
+``k * H`` (``H = W - O``) and emits its ``H`` new frames (window 0 all ``W``).
+
+**Stream batch** (StreamDiffusion). Each window needs ``S = steps`` denoising steps. Up to
+``B = stream_batch`` windows (default ``S``) are in flight at once, each at its own step: every
+model call runs one batched :meth:`FLAME2VideoModel.denoise` over all of them with per-row
+timesteps, a new window enters at every call and, in the steady state, one leaves finished. So one
+call yields ``H`` frames instead of ``H / S``, at ``S`` calls of latency; each call carries ``B``
+rows, so the gain is what batching buys on the device (large on a GPU, where a small batch does not
+fill it; little on a CPU that one window already saturates). The reference K/V cache is shared by
+all rows (``b % R``).
+
+**Continuity with unfinished predecessors.** The overlap frames of window ``k`` must equal window
+``k - 1``'s last ``O`` frames, but with ``B > 1`` window ``k - 1`` is still being denoised while
+``k`` runs (one step ahead of it). The inpainting constraint (the sampler's ``known`` /
+``known_mask`` rule: known region noised to the current timestep, re-imposed after every step,
+set exactly after the last step) therefore uses the best value available *at that step*: the
+predecessor's current x0 estimate (from the same call, so it is always one step more refined than
+the window it conditions), and its final latents once it has finished. The predecessor always
+finishes at least one call before its successor takes its last step (same step count, earlier
+start), so the *final* overlap latents equal the predecessor's final latents exactly, as in the
+offline pipeline; only the intermediate guidance differs. Consequences, tested:
+
+* ``stream_batch=1`` (one window at a time) or ``steps=1`` reproduces
+  :meth:`FLAME2Video.generate_from_maps` (same noise, same constraint); with ``B > 1`` and ``S > 1``
+  the frames are close to it, not equal.
+* The noise of a window (its start noise and the noise of every re-imposition) is drawn from the
+  stream's generator when the window enters, in window order and in the sampler's order, so the
+  frames depend on the seed only, never on timing or batch composition.
+
+(The alternative, staggering windows so a successor starts only when its predecessor is done, is
+``stream_batch=1``: exact, but no batching across windows.)
+
+**Live updates** (:meth:`StreamingEngine.update`) are handed to the worker and applied before the next
+window enters: a new prompt / emotion switches the stage-1 text after the frames already rendered
+(motion continues through stage-1 inpainting plus a short cross-fade, see :mod:`.stream_stage1`);
+new views change the
+cameras of the next windows (the view count is fixed per stream: the stream-batch buffers are
+sized by it). Windows already in flight finish with what they started with, so the change shows
+after at most ``B`` windows, and every frame says which update ``revision`` it was made with.
+
+**Output** goes through a bounded :class:`~.stream_queue.FrameQueue` (``lossless`` / ``latest``,
+pacing to ``fps`` with presentation timestamps, lateness report). Closing the stream (``close()``,
+leaving a ``with`` block, ``aclose()``, or dropping the iterator) stops the worker, frees the buffers
+and ends the threads; an exception raised in any stage is raised to the consumer.
+
+Hot loop: no ``.item()`` / ``.cpu()`` / printing between model calls; timestep tensors are cached
+per step pattern. The one device-to-host copy is the decoded frames of a finished window (skipped
+with ``output="torch"``). Timings are host-side (on a GPU they measure launches, not kernels).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+import weakref
+
+import torch
+
+from mvportrait.engine.stream_batch import FrameTimings, StepPlan, StreamFrame, StreamSettings, StreamState, run
+from mvportrait.engine.stream_queue import POLICIES, StreamStats
+from mvportrait.engine.stream_stage1 import SequenceDriver, TextDriver
+from mvportrait.flame.params import FlameParams
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 4
+DEFAULT_STAGE1_STEPS = 10
+OUTPUTS = ("numpy", "torch")
+JOIN_TIMEOUT_S = 30.0
+
+
+# ------------------------------------------------------------------------------------ iterator
+class FrameStream:
+    """The frames of a running stream: an iterator and an async iterator; ``close()`` stops it."""
+
+    def __init__(self, state: StreamState):
+        self._state = state
+        self._queue = state.queue
+        self._closed = False
+        # the worker holds the state, never this object: dropping the iterator closes the stream
+        self._thread = threading.Thread(target=run, args=(state,), name="mvportrait-stream", daemon=True)
+        self._thread.start()
+
+    @property
+    def stats(self) -> StreamStats:
+        return self._state.stats
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def next(self, timeout: float | None = None) -> StreamFrame | None:
+        """The next frame, or None at the end of the stream (the stream is then closed)."""
+        try:
+            frame = self._queue.get(timeout)
+        except TimeoutError:
+            raise
+        except BaseException:
+            self.close()
+            raise
+        if frame is None:
+            self.close()
+        return frame
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> StreamFrame:
+        frame = self.next()
+        if frame is None:
+            raise StopIteration
+        return frame
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> StreamFrame:
+        frame = await asyncio.to_thread(self.next)
+        if frame is None:
+            raise StopAsyncIteration
+        return frame
+
+    def close(self, timeout: float | None = JOIN_TIMEOUT_S) -> None:
+        """Stop the work, end the threads (waits for the model call in progress) and free the buffers."""
+        if self._closed:
+            return
+        self._closed = True
+        st = self._state
+        st.stop.set()
+        self._queue.close()
+        st.driver.close(timeout)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("the stream worker did not stop within %s s", timeout)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            self._state.stop.set()
+            self._queue.close()
+
+
+# ------------------------------------------------------------------------------------ engine
+def _check_int(name, v, lo, hi=None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        raise ValueError(f"{name} must be an int in [{lo}, {hi if hi is not None else 'inf'}], got {v!r}")
+    return v
+
+
+def _check_number(name, v, lo, hi) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo < v <= hi:
+        raise ValueError(f"{name} must be a number in ({lo}, {hi}], got {v!r}")
+    return float(v)
+
+
+class StreamingEngine:
+    """Stage 1 (optional: text driving) + stage 2, streamed; see the module docstring.
+
+    ``stage2`` a :class:`FLAME2Video`; ``stage1`` a :class:`Text2FLAME` (None: FLAME-driven only).
+    """
+
+    def __init__(self, stage2, stage1=None):
+        from mvportrait.engine.flame2video import FLAME2Video
+
+        if not isinstance(stage2, FLAME2Video):
+            raise TypeError(f"stage2 must be a FLAME2Video, got {type(stage2).__name__}")
+        self.stage2, self.stage1 = stage2, stage1
+        self.state: StreamState | None = None
+        self.settings: StreamSettings | None = None
+        self._stream = lambda: None  # weak reference to the running FrameStream
+        self._parts: tuple[str, str] | None = None
+
+    @classmethod
+    def from_pretrained(cls, stage2_path=None, stage1_path=None, *, device="cpu", text_model=None,
+                        stage1: bool = True, overlap: int | None = None) -> "StreamingEngine":
+        """Shipped (or given) stage-2 model folder, and stage-1 weights unless ``stage1=False``."""
+        from mvportrait.engine.flame2video import FLAME2Video
+        from mvportrait.engine.text2flame import Text2FLAME
+
+        kw = {} if overlap is None else {"overlap": overlap}
+        s2 = FLAME2Video.from_pretrained(stage2_path, device=device, **kw)
+        s1 = Text2FLAME.from_pretrained(stage1_path, device=device, text_model=text_model) if stage1 else None
+        return cls(s2, s1)
+
+    # ------------------------------------------------------------------------------------ setup
+    def _cameras(self, views):
+        from mvportrait.data.multiview import rig_cameras
+        from mvportrait.render.cameras import Cameras
+
+        size = self.stage2.config.image_size
+        if isinstance(views, Cameras):
+            if len(views.batch_shape) not in (1, 2):
+                raise ValueError(f"views cameras must have batch shape (V,) or (T, V), got "
+                                 f"{tuple(views.batch_shape)}")
+            if (views.height, views.width) != (size, size):
+                raise ValueError(f"views cameras must be {size}x{size} (the model's image size), got "
+                                 f"{views.height}x{views.width}")
+            return views.to(device=self.stage2.device, dtype=torch.float32)
+        return rig_cameras(views, size, device=self.stage2.device)
+
+    def prepare(self, reference, prompt: str | None = None, *, motion: str | None = None,
+                emotion: str | None = None, flame: FlameParams | None = None, shape=None, views="ring-4",
+                fps: float | None = None, seconds: float | None = None, steps: int = DEFAULT_STEPS,
+                guidance: float | None = None, seed: int = 0, queue_size: int = 8, policy: str = "lossless",
+                realtime: bool = True, stream_batch: int | None = None, stage1_steps: int = DEFAULT_STAGE1_STEPS,
+                stage1_guidance: float | None = None, output: str = "numpy",
+                lookahead: bool = True) -> "StreamingEngine":
+        """All per-stream setup, once: reference K/V cache, text encoding, stage-1 look-ahead, cameras,
+        schedules and the stream-batch buffers. Then :meth:`stream`.
+
+        Drive with text (``prompt``, split into motion and emotion; ``motion`` / ``emotion`` override a
+        part) or a FLAME sequence (``flame``, finite). ``shape`` (n_shape,) identity for text driving
+        (zeros: the mean head). ``views``: a rig spec (``ring-4``, ``yaws:0,45``, ...) or
+        :class:`Cameras` (V,) / (T, V) (a trajectory, looped). ``fps``: output rate (default the stage-2
+        model's). ``seconds``: length (default: the FLAME sequence, or unbounded for text).
+        ``steps``: stage-2 DDIM steps per window; ``stream_batch``: windows in flight (1..steps,
+        default steps). ``policy`` / ``queue_size`` / ``realtime``: the output queue
+        (:mod:`.stream_queue`). ``output``: ``numpy`` (host uint8) or ``torch`` (tensor on the device).
+        """
+        from mvportrait.drivers.text import split_prompt
+
+        running = self._stream()
+        if running is not None and not running._closed:
+            raise RuntimeError("a stream is running; close it before preparing another")
+        pipe = self.stage2
+        _check_int("steps", steps, 1, 1000)
+        _check_int("seed", seed, 0)
+        _check_int("queue_size", queue_size, 1)
+        _check_int("stage1_steps", stage1_steps, 1, 1000)
+        stream_batch = steps if stream_batch is None else _check_int("stream_batch", stream_batch, 1, steps)
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        fps = pipe.fps if fps is None else _check_number("fps", fps, 0, 240)
+        guidance = float(pipe.config.guidance if guidance is None else guidance)
+        if not math.isfinite(guidance) or guidance < 0:
+            raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
+        texts = prompt is not None or motion is not None or emotion is not None
+        if (flame is None) == (not texts):
+            raise ValueError("give either a text prompt (prompt / motion / emotion) or flame=FlameParams, "
+                             "exactly one of the two")
+        frames = None
+        if seconds is not None:
+            frames = max(1, int(round(_check_number("seconds", seconds, 0, 24 * 3600) * fps)))
+        cameras = self._cameras(views)
+        stats = StreamStats()
+        t0 = time.perf_counter()
+        ctx = pipe.prepare(reference)
+        if flame is not None:
+            driver = SequenceDriver(flame, fps)
+            frames = driver.total if frames is None else min(frames, driver.total)
+            self._parts = None
+        else:
+            if self.stage1 is None:
+                raise ValueError("text driving needs a stage-1 model (StreamingEngine(stage2, stage1=Text2FLAME))")
+            text = prompt if prompt is not None else (motion if motion is not None else emotion)
+            parts = split_prompt(text, motion=motion, emotion=emotion)  # a lone part: the other is the default
+            self._parts = (parts.motion, parts.emotion)
+            m_text, e_text = self.stage1.encode([parts.motion], [parts.emotion])
+            driver = TextDriver(self.stage1, m_text, e_text, fps=fps, shape=_identity(shape), steps=stage1_steps,
+                                guidance=stage1_guidance, seed=seed, total=frames, lookahead=lookahead)
+        self.settings = StreamSettings(fps=fps, steps=steps, guidance=guidance, seed=seed, queue_size=queue_size,
+                                       policy=policy, realtime=bool(realtime), stream_batch=stream_batch,
+                                       output=output, frames=frames)
+        old = self.state
+        if old is not None and not old.started:
+            old.driver.close()
+        self.state = StreamState(pipe, self.settings, ctx, driver, cameras, stats)
+        log.info("stream prepared in %.2f s: %s views, window %d (overlap %d), %d steps, stream batch %d, %.4g fps",
+                 time.perf_counter() - t0, self.state.views, pipe.window, pipe.overlap, steps, stream_batch, fps)
+        return self
+
+    # ------------------------------------------------------------------------------------ streaming
+    def stream(self) -> FrameStream:
+        """Start the prepared stream: an iterator (and async iterator) of :class:`StreamFrame`."""
+        st = self.state
+        if st is None:
+            raise RuntimeError("call prepare() before stream()")
+        if st.started:
+            raise RuntimeError("this stream was already started; call prepare() again for a new one")
+        st.started = True
+        stream = FrameStream(st)
+        self._stream = weakref.ref(stream)
+        return stream
+
+    def update(self, prompt: str | None = None, *, motion: str | None = None, emotion: str | None = None,
+               views=None) -> int:
+        """Live change of the text (whole prompt, or its motion / emotion part) and / or the views (same
+        count); applied before the next window enters. Returns the update's revision number."""
+        from mvportrait.drivers.text import split_prompt
+
+        st = self.state
+        if st is None:
+            raise RuntimeError("call prepare() before update()")
+        upd = {}
+        if prompt is not None or motion is not None or emotion is not None:
+            if self._parts is None:
+                raise ValueError("this stream is driven by a FLAME sequence; text updates need a text-driven "
+                                 "stream")
+            if prompt is not None:
+                parts = split_prompt(prompt, motion=motion, emotion=emotion)
+                m, e = parts.motion, parts.emotion
+            else:
+                m = motion if motion is not None else self._parts[0]
+                e = emotion if emotion is not None else self._parts[1]
+            m_cond, e_cond = self.stage1.encode([m], [e])  # text encoding here, not in the worker
+            if m != self._parts[0]:
+                upd["motion"] = m_cond
+            if e != self._parts[1]:
+                upd["emotion"] = e_cond
+            self._parts = (m, e)
+        if views is not None:
+            cams = self._cameras(views)
+            if cams.batch_shape[-1] != st.views:
+                raise ValueError(f"a live update keeps the view count: this stream has {st.views} views, the "
+                                 f"new rig has {cams.batch_shape[-1]}; prepare a new stream for another count")
+            upd["cameras"] = cams
+        with st.lock:
+            st.pending.update(upd)
+            if upd:
+                st.requested += 1
+            return st.requested
+
+
+def _identity(shape) -> torch.Tensor:
+    if shape is None:
+        return torch.zeros(1, 300)
+    s = torch.as_tensor(shape, dtype=torch.float32)
+    if s.ndim == 1:
+        s = s[None]
+    if s.ndim != 2 or s.shape[0] != 1:
+        raise ValueError(f"shape must be (n_shape,) or (1, n_shape), got {tuple(s.shape)}")
+    return s
+
+
+__all__ = ["StreamingEngine", "StreamFrame", "FrameTimings", "FrameStream", "StreamSettings", "StreamStats",
+           "StepPlan"]

@@ -1,0 +1,359 @@
+"""The streaming runtime's engine loop: stream-batched windows, schedule -> execute -> update -> emit.
+
+The design (windows, stream batch, continuity with unfinished predecessors, noise order, updates) is
+described in :mod:`mvportrait.engine.stream`, which owns the public API; this module holds the
+per-stream state (:class:`StreamState`) and the functions of the worker thread that take it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from mvportrait.engine.stream_queue import FrameQueue, StreamStats
+from mvportrait.flame.params import FlameParams
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ handed to the consumer
+@dataclass
+class FrameTimings:
+    """Seconds spent on one frame (window costs shared by the frames the window emits)."""
+
+    stage1_s: float = 0.0  # waiting for stage 1 (0 when the look-ahead kept up)
+    render_s: float = 0.0  # FLAME layer + rasterizer + FLAME encoder
+    denoise_s: float = 0.0  # this window's share of the batched model calls and sampler updates
+    decode_s: float = 0.0
+    latency_s: float = 0.0  # the window entering the stream batch -> this frame queued
+
+
+@dataclass
+class StreamFrame:
+    index: int  # frame number in the stream (0, 1, ...)
+    timestamp: float  # presentation time, seconds of stream time (index / fps)
+    views: object  # (V, H, W, 3) uint8: numpy array, or torch tensor on the device with output="torch"
+    timings: FrameTimings
+    revision: int = 0  # live updates in effect when this frame's window entered
+    flame: FlameParams | None = None  # (1, 1) the FLAME parameters rendered for this frame
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """Per-stream settings fixed by :meth:`StreamingEngine.prepare`."""
+
+    fps: float
+    steps: int
+    guidance: float
+    seed: int
+    queue_size: int
+    policy: str
+    realtime: bool
+    stream_batch: int
+    output: str
+    frames: int | None  # total frames (None: until closed)
+
+
+# ------------------------------------------------------------------------------------ internal state
+@dataclass
+class _Window:
+    """One stage-2 window in flight."""
+
+    index: int
+    start: int  # first frame
+    emit_from: int  # frames [emit_from, emit_to) are emitted when it finishes
+    emit_to: int
+    slot: int  # row of the stream-batch buffers
+    noise: list  # noise of each re-imposition of the overlap: (V, O, C, h, w) or None
+    flame: FlameParams  # params of frames [emit_from, ...) (the new frames)
+    revision: int
+    t_admit: float
+    stage1_s: float = 0.0
+    render_s: float = 0.0
+    denoise_s: float = 0.0
+    step: int = 0  # steps done
+    x0: torch.Tensor | None = None  # (V, W, C, h, w) latest x0 estimate
+    final: torch.Tensor | None = None  # (V, W, C, h, w) when finished
+
+
+@dataclass
+class StepPlan:
+    """What one engine step does: built by ``_schedule``, run by ``_execute``, applied by ``_update``."""
+
+    rows: list  # _Window per batch row
+    index: torch.Tensor | None  # slots gathered into the batch (None: the whole buffer, slot order)
+    x: torch.Tensor  # (B, V, W, C, h, w) noisy latents
+    feats: torch.Tensor  # (B, V, W, C0, h, w) FLAME features
+    t_model: torch.Tensor  # (B,) int64 timesteps on the device
+    t_step: object  # int (all rows at one step) or (B,) int64 tensor, for the sampler
+    prev_step: object
+    out: torch.Tensor | None = None
+    call_s: float = 0.0
+    finished: list = field(default_factory=list)
+
+
+class StreamState:
+    """Everything one stream owns (explicit state: the worker functions below take it)."""
+
+    def __init__(self, pipe, settings: StreamSettings, ctx, driver, cameras, stats: StreamStats):
+        if float(getattr(pipe.sampler, "eta", 0.0)) != 0.0:
+            raise ValueError("the streaming runtime needs a deterministic sampler (DDIM with eta 0): its noise "
+                             "is drawn when a window enters, in the sampler's order")
+        self.pipe, self.model, self.sampler = pipe, pipe.model, pipe.sampler
+        self.settings, self.ctx, self.driver, self.cameras = settings, ctx, driver, cameras
+        self.stats = stats
+        self.views = cameras.batch_shape[-1]
+        self.W, self.O = pipe.window, pipe.overlap
+        self.H = self.W - self.O
+        self.total = settings.frames
+        self.n_windows = None if self.total is None else (
+            1 if self.total <= self.W else 1 + math.ceil((self.total - self.W) / self.H))
+        self.pairs = self.sampler.timestep_pairs(settings.steps)
+        self.device, self.dtype = pipe.device, pipe.dtype
+        b = settings.stream_batch
+        lat = self.model.latent_shape(1, views=self.views, frames=self.W)[1:]
+        self.x_buf = torch.zeros(b, *lat, device=self.device, dtype=self.dtype)
+        self.f_buf = None  # allocated by the first window (feature shape from the FLAME encoder)
+        self.windows: deque[_Window] = deque()
+        self.next_index = 0
+        self.tail_final: tuple[int, torch.Tensor] | None = None
+        self.tail_maps: torch.Tensor | None = None
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.t_cache: dict = {}
+        self.queue = FrameQueue(settings.queue_size, settings.policy, settings.fps, realtime=settings.realtime,
+                                stats=stats)
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.pending: dict = {}
+        self.revision = 0  # applied
+        self.requested = 0  # requested by update()
+        self.stage = "prepare"
+        self.started = False
+        self.released = False
+
+    def release(self) -> None:
+        """Free the buffers (the stream has ended)."""
+        self.x_buf = self.f_buf = self.tail_maps = None
+        self.tail_final = None
+        self.windows.clear()
+        self.t_cache.clear()
+        self.released = True
+
+
+# ------------------------------------------------------------------------------------ the engine loop
+def _cameras_for(st: StreamState, frames: list[int]):
+    cams = st.cameras
+    if len(cams.batch_shape) == 1:
+        return cams
+    return cams[torch.tensor(frames) % cams.batch_shape[0]]
+
+
+def _known(st: StreamState, index: int) -> torch.Tensor:
+    """Window ``index - 1``'s last O latents: its current x0 estimate, or its final latents."""
+    for w in st.windows:
+        if w.index == index - 1:
+            return w.x0[:, st.W - st.O:]
+    if st.tail_final is None or st.tail_final[0] != index - 1:
+        raise RuntimeError(f"internal error: no latents of window {index - 1} for window {index}")
+    return st.tail_final[1]
+
+
+def _impose_times(st: StreamState) -> list[int]:
+    """Timestep of each overlap re-imposition: at the start (t0) and after every step (prev_t; < 0 = exact)."""
+    return [st.pairs[0][0]] + [p for _, p in st.pairs]
+
+
+def _apply_updates(st: StreamState) -> None:
+    with st.lock:
+        upd, st.pending = st.pending, {}
+        rev = st.requested
+    if not upd:
+        return
+    if "motion" in upd or "emotion" in upd:
+        st.driver.set_text(motion=upd.get("motion"), emotion=upd.get("emotion"), revision=rev)
+    if "cameras" in upd:
+        st.cameras = upd["cameras"]
+    st.revision = rev
+    k = st.next_index
+    st.stats.updates.append((rev, k * st.H + (st.O if k else 0)))
+    log.info("stream update %d applied from frame %d", rev, st.stats.updates[-1][1])
+
+
+def _admit(st: StreamState) -> _Window | None:
+    """Stage 1 + just-in-time render + noise for the next window; None when the stream has no more."""
+    k = st.next_index
+    if st.n_windows is not None and k >= st.n_windows:
+        return None
+    W, O = st.W, st.O
+    start = k * st.H
+    first_new = start + (O if k else 0)
+    frames = list(range(first_new, start + W))
+    cond_frames = frames if st.total is None else [min(f, st.total - 1) for f in frames]
+    t0 = time.perf_counter()
+    st.stage = "stage1"
+    fp = st.driver.params(cond_frames)
+    t1 = time.perf_counter()
+    st.stage = "render"
+    maps = st.pipe.render_maps(fp, _cameras_for(st, cond_frames))  # (1, V, n, 5, H, W)
+    if k:
+        maps = torch.cat([st.tail_maps, maps], dim=2)  # the overlap frames as the predecessor saw them
+    st.tail_maps = maps[:, :, W - O:]
+    feats = st.model.encode_renders(maps)[0]  # (V, W, C0, h, w)
+    slot = k % st.settings.stream_batch
+    if st.f_buf is None:
+        st.f_buf = torch.zeros(st.settings.stream_batch, *feats.shape, device=st.device, dtype=st.dtype)
+    st.f_buf[slot] = feats
+    t2 = time.perf_counter()
+    # noise in the sampler's order: start latents, then the overlap noise of every re-imposition
+    shape = st.x_buf.shape[1:]
+    g = st.generator
+    x_T = torch.randn(shape, generator=g, dtype=st.dtype).to(st.device)
+    noise = []
+    if k:
+        for t in _impose_times(st):
+            noise.append(torch.randn(shape, generator=g, dtype=st.dtype).to(st.device)[:, :O] if t >= 0 else None)
+    st.x_buf[slot] = x_T
+    if k:
+        st.x_buf[slot, :, :O] = st.sampler.schedule.add_noise(_known(st, k), noise[0], st.pairs[0][0])
+    emit_to = start + W if st.total is None else min(start + W, st.total)
+    w = _Window(index=k, start=start, emit_from=first_new, emit_to=emit_to, slot=slot, noise=noise, flame=fp,
+                revision=st.revision, t_admit=t0, stage1_s=t1 - t0, render_s=t2 - t1)
+    st.next_index += 1
+    return w
+
+
+def _timesteps(st: StreamState, values: tuple[int, ...]) -> torch.Tensor:
+    t = st.t_cache.get(values)
+    if t is None:
+        t = st.t_cache[values] = torch.tensor(values, dtype=torch.int64, device=st.device)
+    return t
+
+
+def _schedule(st: StreamState) -> StepPlan | None:
+    """Apply pending updates, admit one window, and lay out the batch; None when all is done."""
+    _apply_updates(st)
+    if len(st.windows) < st.settings.stream_batch:
+        w = _admit(st)
+        if w is not None:
+            st.windows.append(w)
+    if not st.windows:
+        return None
+    st.stage = "denoise"
+    b = st.settings.stream_batch
+    if len(st.windows) == b:
+        rows = sorted(st.windows, key=lambda w: w.slot)
+        index, x, feats = None, st.x_buf, st.f_buf
+    else:
+        rows = list(st.windows)
+        index = torch.tensor([w.slot for w in rows], device=st.device)
+        x, feats = st.x_buf[index], st.f_buf[index]
+    ts = tuple(st.pairs[w.step][0] for w in rows)
+    ps = tuple(st.pairs[w.step][1] for w in rows)
+    if len(set(ts)) == 1:
+        t_step, prev_step = ts[0], ps[0]
+    else:
+        t_step, prev_step = torch.tensor(ts), torch.tensor(ps)
+    return StepPlan(rows=rows, index=index, x=x, feats=feats, t_model=_timesteps(st, ts), t_step=t_step,
+                    prev_step=prev_step)
+
+
+def _execute(st: StreamState, plan: StepPlan) -> None:
+    t0 = time.perf_counter()
+    plan.out = st.model.denoise(plan.x, plan.t_model, plan.feats, st.ctx, guidance=st.settings.guidance)
+    plan.call_s = time.perf_counter() - t0
+
+
+def _update(st: StreamState, plan: StepPlan) -> None:
+    """Sampler step for every row, overlap re-imposition (oldest window first), retire finished windows."""
+    prev, x0 = st.sampler.step(plan.out, plan.t_step, plan.x, prev_t=plan.prev_step)
+    if plan.index is None:
+        st.x_buf.copy_(prev)
+    else:
+        st.x_buf[plan.index] = prev
+    share = plan.call_s / len(plan.rows)
+    for r, w in enumerate(plan.rows):
+        w.x0 = x0[r]
+        w.step += 1
+        w.denoise_s += share
+    st.stats.calls += 1
+    st.stats.rows += len(plan.rows)
+    W, O, S = st.W, st.O, st.settings.steps
+    impose = _impose_times(st)
+    for w in sorted(plan.rows, key=lambda w: w.index):
+        if w.index:
+            known = _known(st, w.index)
+            t = impose[w.step]
+            if t >= 0:
+                st.x_buf[w.slot, :, :O] = st.sampler.schedule.add_noise(known, w.noise[w.step], t)
+            else:
+                if w.step < S:
+                    raise RuntimeError("internal error: exact overlap before the last step")
+                st.x_buf[w.slot, :, :O] = known
+        if w.step == S:
+            w.final = st.x_buf[w.slot].clone()
+            st.tail_final = (w.index, w.final[:, W - O:])
+            st.windows.remove(w)
+            plan.finished.append(w)
+
+
+def _emit(st: StreamState, w: _Window) -> bool:
+    """Decode a finished window's new frames and queue them; False when the queue was closed."""
+    st.stage = "decode"
+    t0 = time.perf_counter()
+    lo, hi = w.emit_from - w.start, w.emit_to - w.start
+    lat = w.final[:, lo:hi].transpose(0, 1)  # (n, V, C, h, w)
+    n, v = lat.shape[:2]
+    img = st.model.autoencoder.decode(lat.reshape(n * v, *lat.shape[2:]))  # (n V, 3, H, W)
+    u8 = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    u8 = u8.reshape(n, v, *u8.shape[1:]).permute(0, 1, 3, 4, 2)  # (n, V, H, W, 3)
+    views = u8.cpu().numpy() if st.settings.output == "numpy" else u8
+    dec = time.perf_counter() - t0
+    st.stats.busy_s += dec
+    n_new = w.flame.num_frames
+    for j in range(n):
+        i = w.emit_from + j
+        tm = FrameTimings(stage1_s=w.stage1_s / n_new, render_s=w.render_s / n_new, denoise_s=w.denoise_s / n,
+                          decode_s=dec / n, latency_s=time.perf_counter() - w.t_admit)
+        frame = StreamFrame(index=i, timestamp=i / st.settings.fps, views=views[j], timings=tm,
+                            revision=w.revision, flame=w.flame.frames(j, j + 1))
+        st.stage = "output"
+        if not st.queue.put(frame, frame.timestamp):
+            return False
+    w.final = w.x0 = None
+    return True
+
+
+def run(st: StreamState) -> None:
+    """The worker thread: schedule -> execute -> update -> emit until done, closed or failed."""
+    try:
+        with torch.inference_mode():
+            while not st.stop.is_set():
+                t0 = time.perf_counter()
+                plan = _schedule(st)
+                if plan is None:
+                    break
+                _execute(st, plan)
+                _update(st, plan)
+                st.stats.busy_s += time.perf_counter() - t0
+                for w in plan.finished:
+                    if not _emit(st, w):
+                        return
+        st.queue.finish()
+    except BaseException as e:  # noqa: BLE001 - every failure goes to the consumer
+        if st.stop.is_set():
+            log.debug("stream worker stopped during %s: %r", st.stage, e)
+        else:
+            e.add_note(f"mvportrait stream: raised in stage {st.stage!r} (window {st.next_index - 1})")
+            log.debug("stream worker failed in %s", st.stage, exc_info=True)
+            st.queue.fail(e)
+    finally:
+        st.driver.close()
+        st.release()
+
+
+__all__ = ["FrameTimings", "StreamFrame", "StreamSettings", "StreamState", "StepPlan", "run"]
