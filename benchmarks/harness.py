@@ -89,7 +89,10 @@ def table(paths=None) -> str:
     """Markdown table of every results file."""
     lines = ["| benchmark | backend | metric | p50 | p90 | config | device | git |", "|---|---|---|---|---|---|---|---|"]
     for p in sorted(paths or RESULTS.glob("*.json")):
-        for r in json.loads(Path(p).read_text()):
+        data = json.loads(Path(p).read_text())
+        if not isinstance(data, list):  # an evaluation report (e.g. stage2_eval.json), not timing rows
+            continue
+        for r in data:
             cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items())
             lines.append(f"| {r['name']} | {r['backend']} | {r['metric']} ({r['unit']}) | {r['p50']:.4g} | "
                          f"{r['p90']:.4g} | {cfg} | {r['device']} | {r['git_sha']} |")
