@@ -94,6 +94,29 @@ def _progress_bar(desc: str, quiet: bool):
     return update
 
 
+def check_run_args(args) -> Path:
+    """Shared checks of ``generate`` and ``stream``: --views, --threads, --device, --reference.
+    Returns the reference image path (the shipped portrait when none is given)."""
+    import torch
+
+    from mvportrait.engine.flame2video import DEFAULT_REFERENCE
+    from mvportrait.render.cameras import parse_view_spec
+
+    cli = _cli()
+    try:
+        parse_view_spec(args.views)
+    except ValueError as e:
+        raise cli.CliError(f"--views: {e}") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise cli.CliError(f"--device {args.device}: CUDA is not available on this machine")
+    reference = Path(args.reference) if args.reference else DEFAULT_REFERENCE
+    if not reference.is_file():
+        raise cli.CliError(f"reference image {reference} does not exist")
+    return reference
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -116,17 +139,7 @@ def cmd_generate(args) -> int:
         raise cli.CliError(f"--seconds must be in (0, 120], got {args.seconds}")
     if not 1 <= args.steps <= 1000:
         raise cli.CliError(f"--steps must be in [1, 1000], got {args.steps}")
-    try:
-        parse_view_spec(args.views)
-    except ValueError as e:
-        raise cli.CliError(f"--views: {e}") from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise cli.CliError(f"--device {args.device}: CUDA is not available on this machine")
-    reference = Path(args.reference) if args.reference else DEFAULT_REFERENCE
-    if not reference.is_file():
-        raise cli.CliError(f"reference image {reference} does not exist")
+    reference = check_run_args(args)
     # identity shape: known for the shipped portrait (a corpus identity), the mean head otherwise
     shape = torch.from_numpy(identity_shape(DEFAULT_REFERENCE_IDENTITY)) if not args.reference else None
     from mvportrait import envs

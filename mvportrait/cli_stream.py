@@ -76,17 +76,9 @@ def cmd_stream(args) -> int:
         raise cli.CliError(f"--steps must be in [1, 1000], got {args.steps}")
     if args.policy not in POLICIES:
         raise cli.CliError(f"--policy must be one of {', '.join(POLICIES)}, got {args.policy!r}")
-    try:
-        parse_view_spec(args.views)
-    except ValueError as e:
-        raise cli.CliError(f"--views: {e}") from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise cli.CliError(f"--device {args.device}: CUDA is not available on this machine")
-    reference = Path(args.reference) if args.reference else DEFAULT_REFERENCE
-    if not reference.is_file():
-        raise cli.CliError(f"reference image {reference} does not exist")
+    from mvportrait.cli_stage2 import check_run_args
+
+    reference = check_run_args(args)
     shape = torch.from_numpy(identity_shape(DEFAULT_REFERENCE_IDENTITY)) if not args.reference else None
     flame = None
     if args.flame:
