@@ -121,8 +121,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from mvportrait.data.multiview import DEFAULT_REFERENCE_IDENTITY, identity_shape
-    from mvportrait.engine.flame2video import DEFAULT_REFERENCE, FLAME2Video
-    from mvportrait.render.cameras import parse_view_spec
+    from mvportrait.engine.flame2video import FLAME2Video
     from mvportrait.render.video import make_grid, write_video
 
     cli = _cli()
@@ -212,7 +211,6 @@ def _with_shape(flame, shape):
 
 
 def cmd_eval_stage2(args) -> int:
-    import numpy as np
     import torch
 
     from mvportrait.engine.flame2video import FLAME2Video

@@ -48,10 +48,8 @@ def cmd_stream(args) -> int:
     import torch
 
     from mvportrait.data.multiview import DEFAULT_REFERENCE_IDENTITY, identity_shape
-    from mvportrait.engine.flame2video import DEFAULT_REFERENCE
     from mvportrait.engine.stream import StreamingEngine
     from mvportrait.engine.stream_queue import POLICIES
-    from mvportrait.render.cameras import parse_view_spec
     from mvportrait.render.video import make_grid, write_video
 
     cli = _cli()
