@@ -12,6 +12,12 @@ Math (DDPM, Ho et al. 2020; DDIM, Song et al. 2021). With ``a_t = alphas_cumprod
                  x_p    = sqrt(a_p) b / (1 - a_t) x0 + sqrt(1 - b) (1 - a_p) / (1 - a_t) x_t + s z
                  s^2    = (1 - a_p) / (1 - a_t) b  ("fixed_small")  or  b  ("fixed_large")
 
+Consistency models (LCM, Luo et al. 2023) predict x0 directly through the boundary condition::
+
+    c_skip = sd^2 / ((s t)^2 + sd^2),  c_out = s t / sqrt((s t)^2 + sd^2)   (sd = 0.5, s = 10)
+    f(x_t, t) = c_skip x_t + c_out x0_pred(model output)     (f = x_t at t = 0)
+    multistep    x_p = sqrt(a_p) f(x_t, t) + sqrt(1 - a_p) z   (fresh z; x_p = f past the last step)
+
 ``p`` is the previous (less noisy) timestep; ``p < 0`` means "past the end": DDIM uses the final
 alpha (1 with ``set_alpha_to_one``, else ``a_0``), DDPM uses 1 and adds no noise.
 
@@ -60,6 +66,9 @@ __all__ = [
     "StepOutput",
     "DDIMSampler",
     "DDPMSampler",
+    "ConsistencySampler",
+    "consistency_boundary",
+    "consistency_x0",
 ]
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
@@ -733,3 +742,80 @@ class DDPMSampler(_Sampler):
                 raise ValueError(f"noise shape {tuple(noise.shape)} must equal x_t shape {tuple(x_t.shape)}")
             mean = mean + var**0.5 * noise.to(cd)
         return StepOutput(mean.to(x_t.dtype), x0.to(x_t.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# consistency (LCM) sampling for distilled students
+
+CONSISTENCY_SIGMA_DATA = 0.5
+CONSISTENCY_TIMESTEP_SCALING = 10.0
+
+
+def consistency_boundary(t, x: torch.Tensor, *, sigma_data: float = CONSISTENCY_SIGMA_DATA,
+                         timestep_scaling: float = CONSISTENCY_TIMESTEP_SCALING):
+    """(c_skip, c_out) of the LCM boundary condition at timestep ``t`` (int or (B,) tensor).
+
+    ``t <= 0`` gives (1, 0), so ``f(x, 0) = x`` exactly. Floats for an int ``t``, else
+    (B, 1, ...) tensors in ``x``'s compute dtype.
+    """
+    sd2 = sigma_data**2
+    if isinstance(t, torch.Tensor) and (t.ndim > 0 or t.device.type != "cpu"):
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != x.shape[0]):
+            raise ValueError(f"timestep tensor must have shape () or ({x.shape[0]},), got {tuple(t.shape)}")
+        s = (t.to(device=x.device, dtype=_compute_dtype(x)).clamp(min=0) * timestep_scaling)
+        s = s.reshape(-1, *([1] * (x.ndim - 1)))
+        return sd2 / (s**2 + sd2), s / (s**2 + sd2) ** 0.5
+    s = max(int(t), 0) * timestep_scaling
+    return sd2 / (s * s + sd2), s / math.sqrt(s * s + sd2)
+
+
+def consistency_x0(schedule: NoiseSchedule, prediction_type: str, model_output: torch.Tensor,
+                   x_t: torch.Tensor, t, **boundary) -> torch.Tensor:
+    """A consistency student's x0: ``c_skip x_t + c_out x0_pred`` (same for training and sampling)."""
+    _check_choice("prediction type", prediction_type, PREDICTION_TYPES)
+    cd = _compute_dtype(x_t)
+    sa, sb = schedule._sa_sb(t, x_t)
+    x = x_t.to(cd)
+    x0, _ = _split_prediction(prediction_type, model_output.to(cd), x, sa, sb)
+    c_skip, c_out = consistency_boundary(t, x, **boundary)
+    return (c_skip * x + c_out * x0).to(x_t.dtype)
+
+
+class ConsistencySampler(_Sampler):
+    """Multistep consistency sampling (LCM) for distilled students: 1, 2, 4... steps.
+
+    Each step maps x_t to the student's x0 (:func:`consistency_x0`) and, unless it is the last
+    step, noises that x0 afresh to ``prev_t``. Guidance is folded into the student, so sample
+    with ``guidance_scale=1``. Default spacing "trailing" (T=1000: 1 step -> [999], 2 -> [999, 499],
+    4 -> [999, 749, 499, 249]), the grid the students are distilled on.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, *, prediction_type: str = "epsilon",
+                 timestep_spacing: str = "trailing", sigma_data: float = CONSISTENCY_SIGMA_DATA,
+                 timestep_scaling: float = CONSISTENCY_TIMESTEP_SCALING, clip_sample: bool = False,
+                 clip_sample_range: float = 1.0):
+        super().__init__(schedule, prediction_type=prediction_type, timestep_spacing=timestep_spacing,
+                         steps_offset=0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                         thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
+        self.sigma_data = _check_float("sigma_data", sigma_data, 1e-6)
+        self.timestep_scaling = _check_float("timestep_scaling", timestep_scaling, 0.0)
+
+    def step(self, model_output: torch.Tensor, t, x_t: torch.Tensor, *, prev_t,
+             generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> StepOutput:
+        """x0 = f(x_t, t); prev = sqrt(a_p) x0 + sqrt(1 - a_p) z (prev = x0 where ``prev_t < 0``)."""
+        self._check_step_args(model_output, x_t)
+        if noise is not None and generator is not None:
+            raise ValueError("pass either noise or generator, not both")
+        x0 = consistency_x0(self.schedule, self.prediction_type, model_output, x_t, t,
+                            sigma_data=self.sigma_data, timestep_scaling=self.timestep_scaling)
+        x0 = self._process_x0(x0)
+        per_sample = isinstance(prev_t, torch.Tensor) and prev_t.ndim > 0
+        if not per_sample and int(prev_t) < 0:
+            return StepOutput(x0, x0)
+        if noise is None:
+            noise = _randn(x_t.shape, generator, x_t.device, x_t.dtype)
+        elif noise.shape != x_t.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} must equal x_t shape {tuple(x_t.shape)}")
+        a_p = self.schedule._alpha_bar(prev_t, x0, prev=True, final=1.0)
+        prev = self.schedule._lin(a_p**0.5, x0, (1.0 - a_p) ** 0.5, noise)
+        return StepOutput(prev, x0)
