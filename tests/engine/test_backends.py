@@ -19,6 +19,12 @@ from mvportrait.flame.demo import demo_sequence
 
 HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 needs_ort = pytest.mark.skipif(not HAVE_ORT, reason="needs onnx + onnxruntime: pip install 'mvportrait[export]'")
+try:
+    backends.check_backend("compile")
+    COMPILE_MISSING = ""
+except backends.BackendUnavailable as _e:
+    COMPILE_MISSING = str(_e)
+needs_compile = pytest.mark.skipif(bool(COMPILE_MISSING), reason=f"compile backend unavailable: {COMPILE_MISSING}")
 FRAME_MEAN_TOL = 0.5  # mean |frame - torch frame| in uint8 levels
 
 
@@ -75,9 +81,8 @@ def test_unavailable_backends_say_what_to_install():
         assert "tensorrt" not in backends.available_backends()
 
 
+@needs_ort
 def test_env_picks_the_stage2_backend(stage2_micro_run, monkeypatch, cache):
-    if not HAVE_ORT:
-        pytest.skip("needs onnxruntime")
     out, _ = stage2_micro_run
     monkeypatch.setenv("MVP_BACKEND", "stage1=torch,stage2=onnxruntime")
     pipe = FLAME2Video.from_pretrained(out / "final", overlap=1, cache=cache)
@@ -115,13 +120,10 @@ def test_onnxruntime_matches_torch_with_other_views(stage2_micro_run, ref, cache
     assert (a.float() - b.float()).abs().mean() <= FRAME_MEAN_TOL
 
 
+@needs_compile
 def test_compile_frames_match_torch(stage2_micro_run, ref, torch_frames):
     """torch.compile (inductor) end to end. Slow on a cold inductor cache (minutes on 2 CPU cores);
     seconds once /tmp/torchinductor_* holds the kernels."""
-    try:
-        backends.check_backend("compile")
-    except backends.BackendUnavailable as e:
-        pytest.skip(str(e))
     out, _ = stage2_micro_run
     pipe = FLAME2Video.from_pretrained(out / "final", overlap=1, backend="compile")
     frames = pipe.generate(ref, demo_sequence(seconds=0.4), views="ring-2", steps=2, seed=5)
