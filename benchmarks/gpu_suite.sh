@@ -3,13 +3,14 @@
 #   1. install mvportrait without touching torch/triton (the image ships torch + triton; the box
 #      is offline, so missing small pure-Python deps are only tried, never required),
 #   2. run every GPU-marked test (`pytest -m gpu`) plus the kernel tests compiled on the GPU,
-#   3. run the GPU benchmarks (benchmarks/bench_kernels.py and any other non-CPU bench_*.py),
-#      which write benchmarks/results/*.json,
+#   3. run the GPU benchmarks (benchmarks/bench_kernels.py and any other non-CPU bench_*.py), and
+#      the end-to-end benchmark (naive vs engine: tiny, and sd15 at 4 views x 512x512), which write
+#      benchmarks/results/*.json (e2e_gpu.json, e2e_sd15_gpu.json, e2e*_profile_gpu.txt),
 #   4. with --train: train the reference models on the GPU (stage 1: MotionDM + EmotionDM;
 #      stage 2: the tiny FLAME2Video model, all four stages), each step under its own time limit
 #      and checkpointing as it goes, so a step that runs out of time still leaves weights.
 # Everything that comes back is packed into at most four archives under $OUT (the device
-# runner returns at most 8 files): results.tgz (benchmarks/results/*.json), logs.tgz,
+# runner returns at most 8 files): results.tgz (benchmarks/results/*.json, *.txt), logs.tgz,
 # stage1.tgz.partNN and stage2.tgz.partNN (trained weights + training logs, split in 15 MB pieces:
 # `cat stage2.tgz.part* | tar xz`).
 #
@@ -42,7 +43,7 @@ t0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - t0) )); }
 
 pack() {
-    tar czf "$WORK/results.tgz" benchmarks/results/*.json 2>/dev/null
+    tar czf "$WORK/results.tgz" $(ls benchmarks/results/*.json benchmarks/results/*.txt 2>/dev/null)
     tar czf "$WORK/logs.tgz" -C "$(dirname "$LOGS")" logs 2>/dev/null
     for s in stage1 stage2; do  # the runner returns files of at most 16 MiB: split larger archives
         [ -d "$TRAINED/$s" ] && tar czf - -C "$TRAINED" "$s" | split -b 15m -d - "$WORK/$s.tgz.part"
@@ -94,10 +95,20 @@ if [ "$TESTS" = 1 ]; then
 fi
 
 if [ "$BENCH" = 1 ]; then
-    for bench in benchmarks/bench_kernels.py $(ls benchmarks/bench_*.py | grep -v -e '_cpu\.py$' -e 'bench_kernels\.py$' -e 'bench_stage1\.py$'); do
+    for bench in benchmarks/bench_kernels.py $(ls benchmarks/bench_*.py | grep -v -e '_cpu\.py$' -e 'bench_kernels\.py$' -e 'bench_stage1\.py$' -e 'bench_e2e\.py$'); do
         args=""; [ "$bench" = benchmarks/bench_kernels.py ] && args="$QUICK"
         step "$(basename "$bench" .py)" 120 $PY "$bench" $args
     done
+    # end to end, naive vs engine in the same run (each pipeline in its own process): the shipped tiny
+    # models (students when shipped), then sd15 with random weights at 4 views x 512x512 (the engine at
+    # 1 consistency step: what a 1-step student costs; the naive pipeline at 25 DDIM steps x 2 calls).
+    # Stage 1 reads MiniLM from MVP_TEXT_MODEL / .gpucarry/minilm, else the hashing encoder (same networks).
+    E2E_TEXT=${MVP_TEXT_MODEL:-$PWD/.gpucarry/minilm}
+    [ -d "$E2E_TEXT" ] || E2E_TEXT=hashing
+    step e2e_tiny 150 $PY benchmarks/bench_e2e.py --preset tiny --views 4 --frames 20 --device cuda \
+        --text-model "$E2E_TEXT"
+    step e2e_sd15 210 $PY benchmarks/bench_e2e.py --preset sd15 --views 4 --size 512 --frames 14 --steps 1 \
+        --device cuda --text-model "$E2E_TEXT"
 fi
 
 if [ "$TRAIN" = 1 ]; then

@@ -292,8 +292,10 @@ def cmd_text2flame(args) -> int:
         raise CliError(f"--render must end in .mp4, .png or .jpg, got {args.render}")
     if not (args.prompt or (args.motion and args.emotion)):
         raise CliError("give --prompt (or both --motion and --emotion)")
-    _steps_arg(args.steps)
-    pipe = Text2FLAME.from_pretrained(args.weights, text_model=args.text_model, device=args.device)
+    if args.steps is not None:
+        _steps_arg(args.steps)
+    pipe = Text2FLAME.from_pretrained(args.weights, student=args.student, text_model=args.text_model,
+                                      device=args.device)
     params = pipe.generate(args.prompt or "", motion=args.motion, emotion=args.emotion, seconds=args.seconds,
                            fps=args.fps, seed=args.seed, steps=args.steps, guidance=args.guidance)
     t = pipe.last_timings
@@ -301,7 +303,8 @@ def cmd_text2flame(args) -> int:
     motion_text, emotion_text = t.extra["parts"]
     print(f"motion: {motion_text!r}  emotion: {emotion_text!r}")
     print(f"wrote {out} ({params.num_frames} frames at {args.fps:g} fps): text {t.encode_s * 1000:.0f} ms, "
-          f"MotionDM {t.motion_s * 1000:.0f} ms, EmotionDM {t.emotion_s * 1000:.0f} ms ({args.steps} DDIM steps)")
+          f"MotionDM {t.motion_s * 1000:.0f} ms, EmotionDM {t.emotion_s * 1000:.0f} ms ({t.extra['steps']} "
+          f"{'consistency' if pipe.is_student else 'DDIM'} steps)")
     if args.render:
         ns = argparse.Namespace(out=args.render, size=args.size, model=args.model, seed=0, params=str(out),
                                 fps=None, max_frames=None, views=args.views, camera="static", identity_seed=None,
@@ -324,7 +327,7 @@ def cmd_eval_stage1(args) -> int:
     for spec in args.weights or [None]:
         label, _, path = (spec or "shipped").partition("=")
         path = path or (None if label == "shipped" else label)
-        pipe = Text2FLAME.from_pretrained(path, text_model=args.text_model, device=args.device)
+        pipe = Text2FLAME.from_pretrained(path, student=args.student, text_model=args.text_model, device=args.device)
         t0 = time.perf_counter()
 
         def show(r, label=label):
@@ -338,6 +341,7 @@ def cmd_eval_stage1(args) -> int:
                        batch=args.batch, compare_smoothing=not args.no_smooth_compare, split=args.split,
                        on_progress=show)
         rep["weights"] = pipe.meta["path"]
+        rep["student"] = pipe.is_student
         rep["preset"] = pipe.meta["motion"].get("preset")
         rep["params"] = {k: pipe.meta[k].get("params") for k in ("motion", "emotion")}
         rep["text_cond"] = {k: getattr(pipe, f"{k}_model").cfg.text_cond for k in ("motion", "emotion")}
@@ -459,9 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seconds", type=float, default=4.0)
     s.add_argument("--fps", type=float, default=25.0)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    s.add_argument("--steps", type=int, help="sampling steps (default: 50 DDIM steps; the students' default, 2, "
+                                             "with --student)")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     s.add_argument("--weights", help="stage-1 weights folder (default: the shipped reference models)")
+    s.add_argument("--student", action="store_true", help="the distilled consistency students of the folder")
     s.add_argument("--text-model", help="local folder to read the text encoder from (default: package / MVP_TEXT_MODEL)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--out", required=True, help="output FLAME sequence .npz")
@@ -479,7 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", nargs="+",
                    help="stage-1 weights folders (a train run's OUT/final), as FOLDER or LABEL=FOLDER; several are "
                         "compared in one report (default: the shipped weights)")
-    s.add_argument("--steps", type=int, nargs="+", default=[50, 10, 4], help="DDIM step counts")
+    s.add_argument("--steps", type=int, nargs="+", default=[50, 10, 4],
+                   help="step counts (DDIM for teachers, consistency sampling with --student)")
+    s.add_argument("--student", action="store_true",
+                   help="evaluate the distilled students (motion_student / emotion_student) of each folder")
     s.add_argument("--n", type=int, default=200, help="test clips")
     s.add_argument("--batch", type=int, default=100, help="clips sampled per call")
     s.add_argument("--no-smooth-compare", action="store_true", help="skip the rows with the smoothing off")
@@ -498,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     register(sub, tr, ev)
     __import__("mvportrait.cli_stream").cli_stream.register(sub)  # stream
     __import__("mvportrait.cli_export").cli_export.register(sub)  # export onnx | tensorrt
+    __import__("mvportrait.cli_distill").cli_distill.register(sub)  # distill stage1 | stage2
+    __import__("mvportrait.cli_bench").cli_bench.register(sub)  # bench e2e
     return p
 
 

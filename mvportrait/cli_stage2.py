@@ -136,8 +136,13 @@ def cmd_generate(args) -> int:
         raise cli.CliError("give --prompt (or --motion / --emotion), or --flame SEQ.npz")
     if not 0 < args.seconds <= 120:
         raise cli.CliError(f"--seconds must be in (0, 120], got {args.seconds}")
-    if not 1 <= args.steps <= 1000:
-        raise cli.CliError(f"--steps must be in [1, 1000], got {args.steps}")
+    for name in ("steps", "stage1_steps"):
+        v = getattr(args, name)
+        if v is not None and not 1 <= v <= 1000:
+            raise cli.CliError(f"--{name.replace('_', '-')} must be in [1, 1000], got {v}")
+    if args.student and args.teacher:
+        raise cli.CliError("give at most one of --student and --teacher")
+    student = use_student(args)
     reference = check_run_args(args)
     # identity shape: known for the shipped portrait (a corpus identity), the mean head otherwise
     shape = torch.from_numpy(identity_shape(DEFAULT_REFERENCE_IDENTITY)) if not args.reference else None
@@ -151,7 +156,7 @@ def cmd_generate(args) -> int:
     except (ValueError, BackendUnavailable) as e:
         raise cli.CliError(f"--backend: {e}") from None
     t_start = time.perf_counter()
-    pipe = FLAME2Video.from_pretrained(args.weights, device=args.device, backend=args.backend)
+    pipe = FLAME2Video.from_pretrained(args.weights, student=student, device=args.device, backend=args.backend)
     try:
         ctx = pipe.prepare(reference)
     except ValueError as e:
@@ -169,7 +174,7 @@ def cmd_generate(args) -> int:
     else:
         from mvportrait.engine.text2flame import Text2FLAME
 
-        t2f = Text2FLAME.from_pretrained(args.stage1_weights, device="cpu", backend=args.backend)
+        t2f = Text2FLAME.from_pretrained(args.stage1_weights, student=student, device="cpu", backend=args.backend)
         flame = t2f.generate(args.prompt or "", motion=args.motion, emotion=args.emotion, seconds=args.seconds,
                              fps=25.0, seed=args.seed, steps=args.stage1_steps,
                              shape=shape if shape is not None else None)
@@ -188,12 +193,27 @@ def cmd_generate(args) -> int:
             write_video(p, frames[:, v].numpy(), fps=pipe.fps)
             written.append(str(p))
     n = frames.shape[0]
-    print(f"stage 2 ({pipe.backend}): {n} frames x {frames.shape[1]} views at {pipe.fps:g} fps, {args.steps} DDIM "
-          f"steps: render "
+    kind = "consistency (student)" if pipe.is_student else "DDIM"
+    print(f"stage 2 ({pipe.backend}): {n} frames x {frames.shape[1]} views at {pipe.fps:g} fps, "
+          f"{t.extra.get('steps')} {kind} steps: render "
           f"{t.render_s:.1f} s, denoise {t.denoise_s:.1f} s, decode {t.decode_s:.1f} s "
           f"({(t.denoise_s + t.decode_s) / max(1, n):.2f} s per frame, all views)")
     print(f"wrote {', '.join(written)} in {time.perf_counter() - t_start:.0f} s")
     return 0
+
+
+# ``generate`` uses the distilled students unless --teacher is given when this is True (set from the
+# students' quality report: see mvportrait/weights/stage2_student/MODEL_CARD.md).
+DEFAULT_TO_STUDENT = False
+
+
+def use_student(args) -> bool:
+    """--student / --teacher, else :data:`DEFAULT_TO_STUDENT`."""
+    if getattr(args, "student", False):
+        return True
+    if getattr(args, "teacher", False):
+        return False
+    return DEFAULT_TO_STUDENT
 
 
 def _with_shape(flame, shape):
@@ -219,19 +239,21 @@ def cmd_eval_stage2(args) -> int:
     from mvportrait.render.video import write_image
 
     cli = _cli()
-    if args.n < 1 or not 1 <= args.steps <= 1000:
+    if args.n < 1 or (args.steps is not None and not 1 <= args.steps <= 1000):
         raise cli.CliError("--n must be >= 1 and --steps in [1, 1000]")
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = FLAME2Video.from_pretrained(args.weights, device=args.device)
+    pipe = FLAME2Video.from_pretrained(args.weights, student=args.student, device=args.device)
+    steps = pipe.default_steps if args.steps is None else args.steps
     from tqdm import tqdm
 
     bar = tqdm(total=args.n, desc="eval stage2 (held-out identities)", disable=args.quiet or None, file=sys.stderr)
-    report, pics = evaluate_stage2(pipe, n=args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
+    report, pics = evaluate_stage2(pipe, n=args.n, steps=steps, guidance=args.guidance, seed=args.seed,
                                    on_clip=lambda i, m: (bar.update(1), bar.set_postfix(psnr=f"{m['psnr']:.1f}")),
                                    keep=args.pictures)
     bar.close()
     report.update({"weights": str(getattr(pipe, "path", args.weights)), "device": args.device,
+                   "sampler": type(pipe.sampler).__name__, "student": pipe.is_student,
                    "torch_threads": torch.get_num_threads(),
                    "command": "mvportrait " + " ".join(sys.argv[1:]) if sys.argv else None})
     out = Path(args.out)
@@ -278,8 +300,13 @@ def register(sub, train_sub, eval_sub) -> None:
                                        "resized); default: the shipped synthetic portrait")
     s.add_argument("--views", default="ring-4", help="view rig: front, ring-N, arc-N, yaws:0,45,-45 (default ring-4)")
     s.add_argument("--seconds", type=float, default=4.0, help="length of the text-driven sequence (default 4)")
-    s.add_argument("--steps", type=int, default=25, help="stage-2 DDIM steps (default 25)")
-    s.add_argument("--stage1-steps", type=int, default=50, help="stage-1 DDIM steps (default 50)")
+    s.add_argument("--steps", type=int, help="stage-2 sampling steps (default: 25 DDIM steps for the teacher, "
+                                             "the student's default_steps (2) for a student)")
+    s.add_argument("--stage1-steps", type=int, help="stage-1 sampling steps (default: 50 for the teachers, "
+                                                    "2 for the students)")
+    s.add_argument("--student", action="store_true", help="use the distilled consistency students of both stages "
+                                                          "(few steps, guidance folded in)")
+    s.add_argument("--teacher", action="store_true", help="use the full-step teachers")
     s.add_argument("--guidance", type=float, help="image-guidance scale (default: the model's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--weights", help="stage-2 model folder (default: the shipped one)")
@@ -294,9 +321,12 @@ def register(sub, train_sub, eval_sub) -> None:
     s.set_defaults(func=cmd_generate)
 
     s = eval_sub.add_parser("stage2", help="PSNR/SSIM, view consistency, flicker on held-out identities")
-    s.add_argument("--weights", help="stage-2 model folder (default: the shipped one)")
+    s.add_argument("--weights", help="stage-2 model folder, teacher or student (default: the shipped teacher)")
+    s.add_argument("--student", action="store_true", help="evaluate the shipped distilled student "
+                                                          "(or check that --weights is one)")
     s.add_argument("--n", type=int, default=8, help="held-out clips (default 8)")
-    s.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25: the full-step sampler)")
+    s.add_argument("--steps", type=int, help="sampling steps (default: 25 DDIM steps for the teacher, the "
+                                             "student's default_steps for a student)")
     s.add_argument("--guidance", type=float)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")

@@ -70,8 +70,9 @@ def cmd_stream(args) -> int:
         raise cli.CliError("a text-driven stream has no end: give --seconds (or stop it with Ctrl-C)")
     if args.fps is not None and not 0 < args.fps <= 240:
         raise cli.CliError(f"--fps must be in (0, 240], got {args.fps}")
-    if not 1 <= args.steps <= 1000:
-        raise cli.CliError(f"--steps must be in [1, 1000], got {args.steps}")
+    for name, v in (("--steps", args.steps), ("--stage1-steps", args.stage1_steps)):
+        if v is not None and not 1 <= v <= 1000:
+            raise cli.CliError(f"{name} must be in [1, 1000], got {v}")
     if args.policy not in POLICIES:
         raise cli.CliError(f"--policy must be one of {', '.join(POLICIES)}, got {args.policy!r}")
     from mvportrait.cli_stage2 import check_run_args
@@ -92,7 +93,8 @@ def cmd_stream(args) -> int:
 
     t_start = time.perf_counter()
     engine = StreamingEngine.from_pretrained(args.weights, args.stage1_weights, device=args.device,
-                                             text_model=args.text_model, stage1=flame is None, overlap=args.overlap)
+                                             text_model=args.text_model, stage1=flame is None, overlap=args.overlap,
+                                             student=args.student)
     engine.prepare(reference, args.prompt, motion=args.motion, emotion=args.emotion, flame=flame,
                    shape=shape if flame is None else None, views=args.views, fps=args.fps, seconds=args.seconds,
                    steps=args.steps, guidance=args.guidance, seed=args.seed, queue_size=args.queue,
@@ -100,7 +102,8 @@ def cmd_stream(args) -> int:
                    stage1_steps=args.stage1_steps)
     fps = engine.settings.fps
     t_ready = time.perf_counter()
-    print(f"prepared in {t_ready - t_start:.1f} s: {engine.state.views} views, {fps:g} fps, {args.steps} steps, "
+    print(f"prepared in {t_ready - t_start:.1f} s: {engine.state.views} views, {fps:g} fps, "
+          f"{engine.settings.steps} steps, "
           f"stream batch {engine.settings.stream_batch}, policy {args.policy}"
           + (f", motion {engine._parts[0]!r}, emotion {engine._parts[1]!r}" if engine._parts else ""),
           file=sys.stderr)
@@ -161,9 +164,12 @@ def register(sub) -> None:
     s.add_argument("--views", default="ring-4", help="view rig: front, ring-N, arc-N, yaws:0,45,-45 (default ring-4)")
     s.add_argument("--fps", type=float, help="output frame rate (default: the stage-2 model's)")
     s.add_argument("--seconds", type=float, help="stream length (default: the FLAME sequence; text: until Ctrl-C)")
-    s.add_argument("--steps", type=int, default=4, help="stage-2 DDIM steps per window (default 4)")
+    s.add_argument("--steps", type=int, help="stage-2 steps per window (default: the student's, else 4 DDIM steps)")
     s.add_argument("--stream-batch", type=int, help="windows denoised together at different steps (default: steps)")
-    s.add_argument("--stage1-steps", type=int, default=10, help="stage-1 DDIM steps (default 10)")
+    s.add_argument("--stage1-steps", type=int, help="stage-1 steps (default: the students', else 10 DDIM steps)")
+    s.add_argument("--student", action="store_true",
+                   help="the distilled students (mvportrait/weights/stage2_student, stage1/*_student): "
+                        "consistency sampling, guidance folded in")
     s.add_argument("--guidance", type=float, help="image-guidance scale (default: the model's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--policy", default="lossless", help="lossless (default: wait for the consumer) | latest (drop)")

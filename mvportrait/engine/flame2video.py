@@ -18,6 +18,12 @@ window's last latents through the sampler's inpainting hook (``known`` / ``known
 video continues without a seam. The last window is padded by repeating the last frame's
 conditioning and the padding is dropped.
 
+Distilled student: ``FLAME2Video.from_pretrained(student=True)`` (or the path of a student folder,
+e.g. ``mvportrait/weights/stage2_student``) loads the consistency-distilled UNet over its teacher's
+other networks (``mvportrait.models.students``); :attr:`FLAME2Video.sampler` is then a
+``ConsistencySampler`` (trailing 1/2/4-step grid), the default image guidance is 1.0 (the teacher's
+guidance is folded into the student) and the default step count :attr:`FLAME2Video.default_steps` (2).
+
 Backends: ``backend`` (``torch`` | ``compile`` | ``onnxruntime`` | ``tensorrt``, or a per-stage spec;
 default ``MVP_BACKEND``) picks what runs the networks (``engine/backends.py``); the pipeline code is
 the same for all of them. ``cache`` is the artifact cache exports and engines come from.
@@ -38,13 +44,15 @@ from typing import Callable
 
 import torch
 
-from mvportrait.engine.schedulers import DDIMSampler, NoiseSchedule
+from mvportrait.engine.schedulers import ConsistencySampler, DDIMSampler, NoiseSchedule
 from mvportrait.flame.params import FlameParams
 from mvportrait.models.stage2 import FLAME2VideoModel, ReferenceContext
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "stage2"
+DEFAULT_STUDENT = Path(__file__).resolve().parent.parent / "weights" / "stage2_student"
+TEACHER_STEPS = 25
 DEFAULT_REFERENCE = Path(__file__).resolve().parent.parent / "weights" / "reference" / "default.png"
 DEFAULT_FPS = 12.5
 MAX_FRAMES = 25 * 120
@@ -90,17 +98,36 @@ class FLAME2Video:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.flame = self.head.model.to(device=self.device)
-        self.sampler = DDIMSampler(NoiseSchedule.from_kind(self.config.beta_schedule, self.config.train_timesteps),
-                                   prediction_type=self.config.prediction, timestep_spacing=timestep_spacing)
+        self.distill = getattr(model, "distill", None)
+        schedule = NoiseSchedule.from_kind(self.config.beta_schedule, self.config.train_timesteps)
+        if self.distill is not None:  # consistency student: its own grid (trailing), guidance folded in
+            self.sampler = ConsistencySampler(schedule, prediction_type=self.config.prediction)
+        else:
+            self.sampler = DDIMSampler(schedule, prediction_type=self.config.prediction,
+                                       timestep_spacing=timestep_spacing)
         self.last_timings = Stage2Timings()
 
+    @property
+    def is_student(self) -> bool:
+        """True for a consistency student (few-step sampling, ``config.guidance`` 1.0: guidance folded in)."""
+        return self.distill is not None
+
+    @property
+    def default_steps(self) -> int:
+        """Steps used when none are given: the student's ``default_steps``, else 25 (DDIM)."""
+        return int(self.distill["default_steps"]) if self.distill else TEACHER_STEPS
+
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, *, device="cpu", dtype: torch.dtype = torch.float32,
-                        **kwargs) -> "FLAME2Video":
-        """Load a model folder (default: the shipped ``mvportrait/weights/stage2``); ``kwargs`` go to the
-        constructor (``backend``, ``overlap``, ...)."""
-        folder = Path(path) if path is not None else DEFAULT_WEIGHTS
+    def from_pretrained(cls, path: str | Path | None = None, *, student: bool = False, device="cpu",
+                        dtype: torch.dtype = torch.float32, **kwargs) -> "FLAME2Video":
+        """Load a model folder (default: the shipped ``mvportrait/weights/stage2``, or with
+        ``student=True`` the shipped distilled ``mvportrait/weights/stage2_student``). A student folder
+        (its ``config.json`` has a ``distill`` object) is recognised whatever the flag; ``student=True``
+        with a teacher folder is an error. ``kwargs`` go to the constructor (``backend``, ``overlap``, ...)."""
+        folder = Path(path) if path is not None else (DEFAULT_STUDENT if student else DEFAULT_WEIGHTS)
         model = FLAME2VideoModel.from_pretrained(folder, device=device, dtype=dtype)
+        if student and model.distill is None:
+            raise ValueError(f"{folder} holds a teacher, not a distilled student (no 'distill' in its config.json)")
         summary = folder / "train_summary.json"
         if "fps" not in kwargs and summary.is_file():
             fps = json.loads(summary.read_text()).get("fps")
@@ -168,14 +195,16 @@ class FLAME2Video:
 
     # ---------------------------------------------------------------------------- generate
     @torch.inference_mode()
-    def generate(self, reference, flame: FlameParams, *, views: str = "ring-4", steps: int = 25,
+    def generate(self, reference, flame: FlameParams, *, views: str = "ring-4", steps: int | None = None,
                  guidance: float | None = None, seed: int = 0, ref_ctx: ReferenceContext | None = None,
                  on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Frames (T, V, H, W, 3) uint8 at :attr:`fps` for ``flame`` seen from ``views``.
 
         ``reference`` as in :meth:`prepare` (ignored when ``ref_ctx`` is given). ``guidance``:
-        image-guidance scale (default the config's; 1 = off). Same seed and inputs -> same output.
+        image-guidance scale (default the config's; 1 = off; 1.0 for a student). ``steps`` default:
+        :attr:`default_steps`. Same seed and inputs -> same output.
         """
+        steps = self.default_steps if steps is None else steps
         _check_int("steps", steps, 1, 1000)
         _check_int("seed", seed, 0)
         if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))):
@@ -200,11 +229,12 @@ class FLAME2Video:
         return out
 
     @torch.inference_mode()
-    def generate_from_maps(self, ctx: ReferenceContext, maps: torch.Tensor, *, steps: int = 25,
+    def generate_from_maps(self, ctx: ReferenceContext, maps: torch.Tensor, *, steps: int | None = None,
                            guidance: float | None = None, seed: int = 0,
                            on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Frames (T, V, H, W, 3) uint8 from conditioning maps (1, V, T, 5, H, W) (any cameras: the
         maps carry the geometry) and a prepared reference; windows as in the module docstring."""
+        steps = self.default_steps if steps is None else steps
         _check_int("steps", steps, 1, 1000)
         _check_int("seed", seed, 0)
         guidance = float(self.config.guidance if guidance is None else guidance)
@@ -276,4 +306,4 @@ def _select_frames(flame: FlameParams, idx: torch.Tensor) -> FlameParams:
     return FlameParams(fps=flame.fps, **kw)
 
 
-__all__ = ["FLAME2Video", "Stage2Timings", "DEFAULT_WEIGHTS", "DEFAULT_REFERENCE", "DEFAULT_FPS"]
+__all__ = ["FLAME2Video", "Stage2Timings", "DEFAULT_WEIGHTS", "DEFAULT_STUDENT", "DEFAULT_REFERENCE", "DEFAULT_FPS"]

@@ -43,9 +43,14 @@ offline pipeline; only the intermediate guidance differs. Consequences, tested:
 * ``stream_batch=1`` (one window at a time) or ``steps=1`` reproduces
   :meth:`FLAME2Video.generate_from_maps` (same noise, same constraint); with ``B > 1`` and ``S > 1``
   the frames are close to it, not equal.
-* The noise of a window (its start noise and the noise of every re-imposition) is drawn from the
-  stream's generator when the window enters, in window order and in the sampler's order, so the
-  frames depend on the seed only, never on timing or batch composition.
+* The noise of a window is drawn from the stream's generator when the window enters, in window order
+  and in the order :meth:`_Sampler.sample` draws it (start latents, overlap noise at the first
+  timestep, then per step the step's own noise and the overlap noise at its ``prev_t``), and handed
+  to every step explicitly (``noise=``, one row per window), never taken from a global RNG. So the
+  frames depend on the seed only, never on timing or batch composition, and stochastic samplers work
+  too: the consistency sampler of distilled students (:class:`ConsistencySampler`, fresh noise at every
+  step but the last; guidance folded into the student, so the default guidance is 1), DDPM, DDIM with
+  eta > 0. With ``stream_batch=1`` or one step they reproduce the offline pipeline with the same sampler.
 
 (The alternative, staggering windows so a successor starts only when its predecessor is done, is
 ``stream_batch=1``: exact, but no batching across windows.)
@@ -210,14 +215,16 @@ class StreamingEngine:
 
     @classmethod
     def from_pretrained(cls, stage2_path=None, stage1_path=None, *, device="cpu", text_model=None,
-                        stage1: bool = True, overlap: int | None = None) -> "StreamingEngine":
-        """Shipped (or given) stage-2 model folder, and stage-1 weights unless ``stage1=False``."""
+                        stage1: bool = True, overlap: int | None = None, student: bool = False) -> "StreamingEngine":
+        """Shipped (or given) stage-2 model folder, and stage-1 weights unless ``stage1=False``;
+        ``student=True``: the distilled students (consistency sampling, their default steps, guidance 1)."""
         from mvportrait.engine.flame2video import FLAME2Video
         from mvportrait.engine.text2flame import Text2FLAME
 
         kw = {} if overlap is None else {"overlap": overlap}
-        s2 = FLAME2Video.from_pretrained(stage2_path, device=device, **kw)
-        s1 = Text2FLAME.from_pretrained(stage1_path, device=device, text_model=text_model) if stage1 else None
+        s2 = FLAME2Video.from_pretrained(stage2_path, student=student, device=device, **kw)
+        s1 = Text2FLAME.from_pretrained(stage1_path, student=student, device=device,
+                                        text_model=text_model) if stage1 else None
         return cls(s2, s1)
 
     # ------------------------------------------------------------------------------------ setup
@@ -238,9 +245,9 @@ class StreamingEngine:
 
     def prepare(self, reference, prompt: str | None = None, *, motion: str | None = None,
                 emotion: str | None = None, flame: FlameParams | None = None, shape=None, views="ring-4",
-                fps: float | None = None, seconds: float | None = None, steps: int = DEFAULT_STEPS,
+                fps: float | None = None, seconds: float | None = None, steps: int | None = None,
                 guidance: float | None = None, seed: int = 0, queue_size: int = 8, policy: str = "lossless",
-                realtime: bool = True, stream_batch: int | None = None, stage1_steps: int = DEFAULT_STAGE1_STEPS,
+                realtime: bool = True, stream_batch: int | None = None, stage1_steps: int | None = None,
                 stage1_guidance: float | None = None, output: str = "numpy",
                 lookahead: bool = True) -> "StreamingEngine":
         """All per-stream setup, once: reference K/V cache, text encoding, stage-1 look-ahead, cameras,
@@ -251,8 +258,10 @@ class StreamingEngine:
         (zeros: the mean head). ``views``: a rig spec (``ring-4``, ``yaws:0,45``, ...) or
         :class:`Cameras` (V,) / (T, V) (a trajectory, looped). ``fps``: output rate (default the stage-2
         model's). ``seconds``: length (default: the FLAME sequence, or unbounded for text).
-        ``steps``: stage-2 DDIM steps per window; ``stream_batch``: windows in flight (1..steps,
-        default steps). ``policy`` / ``queue_size`` / ``realtime``: the output queue
+        ``steps``: stage-2 sampler steps per window (``pipe.sampler``: DDIM, or a student's consistency
+        sampler; default: a student's ``default_steps``, else 4); ``stage1_steps`` likewise (else 10);
+        ``guidance``: image guidance (default :func:`default_guidance`); ``stream_batch``: windows in
+        flight (1..steps, default steps). ``policy`` / ``queue_size`` / ``realtime``: the output queue
         (:mod:`.stream_queue`). ``output``: ``numpy`` (host uint8) or ``torch`` (tensor on the device).
         """
         from mvportrait.drivers.text import split_prompt
@@ -261,6 +270,11 @@ class StreamingEngine:
         if running is not None and not running._closed:
             raise RuntimeError("a stream is running; close it before preparing another")
         pipe = self.stage2
+        if steps is None:  # a student's own step count; few DDIM steps for a teacher
+            steps = pipe.default_steps if getattr(pipe, "is_student", False) else DEFAULT_STEPS
+        if stage1_steps is None:
+            s1 = self.stage1
+            stage1_steps = s1.default_steps if getattr(s1, "is_student", False) else DEFAULT_STAGE1_STEPS
         _check_int("steps", steps, 1, 1000)
         _check_int("seed", seed, 0)
         _check_int("queue_size", queue_size, 1)
@@ -271,7 +285,7 @@ class StreamingEngine:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
         fps = pipe.fps if fps is None else _check_number("fps", fps, 0, 240)
-        guidance = float(pipe.config.guidance if guidance is None else guidance)
+        guidance = float(default_guidance(pipe) if guidance is None else guidance)
         if not math.isfinite(guidance) or guidance < 0:
             raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
         texts = prompt is not None or motion is not None or emotion is not None
@@ -361,6 +375,16 @@ class StreamingEngine:
             return st.requested
 
 
+def default_guidance(pipe) -> float:
+    """Image guidance a stream uses when none is given: 1 (none) for a distilled student (guidance folded
+    into it: ``pipe.is_student`` or a consistency sampler), else the model config's."""
+    from mvportrait.engine.schedulers import ConsistencySampler
+
+    if getattr(pipe, "is_student", False) or isinstance(pipe.sampler, ConsistencySampler):
+        return 1.0
+    return float(pipe.config.guidance)
+
+
 def _identity(shape) -> torch.Tensor:
     if shape is None:
         return torch.zeros(1, 300)
@@ -372,5 +396,6 @@ def _identity(shape) -> torch.Tensor:
     return s
 
 
-__all__ = ["StreamingEngine", "StreamFrame", "FrameTimings", "FrameStream", "StreamSettings", "StreamStats",
+__all__ = ["StreamingEngine", "default_guidance", "StreamFrame", "FrameTimings", "FrameStream", "StreamSettings",
+           "StreamStats",
            "StepPlan"]

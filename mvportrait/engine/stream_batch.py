@@ -70,6 +70,7 @@ class _Window:
     emit_to: int
     slot: int  # row of the stream-batch buffers
     noise: list  # noise of each re-imposition of the overlap: (V, O, C, h, w) or None
+    step_noise: list  # noise of each sampler step: (V, W, C, h, w), or None where the step draws none
     flame: FlameParams  # params of frames [emit_from, ...) (the new frames)
     revision: int
     t_admit: float
@@ -101,10 +102,8 @@ class StreamState:
     """Everything one stream owns (explicit state: the worker functions below take it)."""
 
     def __init__(self, pipe, settings: StreamSettings, ctx, driver, cameras, stats: StreamStats):
-        if float(getattr(pipe.sampler, "eta", 0.0)) != 0.0:
-            raise ValueError("the streaming runtime needs a deterministic sampler (DDIM with eta 0): its noise "
-                             "is drawn when a window enters, in the sampler's order")
         self.pipe, self.model, self.sampler = pipe, pipe.model, pipe.sampler
+        self.stochastic = stochastic_sampler(self.sampler)  # raises for a sampler the runtime cannot pre-draw for
         self.settings, self.ctx, self.driver, self.cameras = settings, ctx, driver, cameras
         self.stats = stats
         self.views = cameras.batch_shape[-1]
@@ -114,6 +113,7 @@ class StreamState:
         self.n_windows = None if self.total is None else (
             1 if self.total <= self.W else 1 + math.ceil((self.total - self.W) / self.H))
         self.pairs = self.sampler.timestep_pairs(settings.steps)
+        self.step_draws = [step_draws_noise(self.sampler, p) for _, p in self.pairs]
         self.device, self.dtype = pipe.device, pipe.dtype
         b = settings.stream_batch
         lat = self.model.latent_shape(1, views=self.views, frames=self.W)[1:]
@@ -143,6 +143,31 @@ class StreamState:
         self.windows.clear()
         self.t_cache.clear()
         self.released = True
+
+
+# ------------------------------------------------------------------------------------ sampler noise
+def stochastic_sampler(sampler) -> bool:
+    """Whether ``sampler``'s steps draw noise (the runtime then pre-draws it per window and passes it
+    explicitly); raises ValueError for a sampler whose noise rule the runtime does not know."""
+    from mvportrait.engine.schedulers import ConsistencySampler, DDIMSampler, DDPMSampler
+
+    if isinstance(sampler, DDIMSampler):
+        return float(sampler.eta) > 0.0
+    if isinstance(sampler, (ConsistencySampler, DDPMSampler)):
+        return True
+    raise ValueError(f"the streaming runtime supports DDIMSampler, DDPMSampler and ConsistencySampler, got "
+                     f"{type(sampler).__name__}")
+
+
+def step_draws_noise(sampler, prev_t: int) -> bool:
+    """Whether ``sampler.step(..., prev_t=prev_t)`` with an int ``prev_t`` draws noise: what
+    ``_Sampler.sample`` draws from its generator at that step (DDIM: every step when eta > 0;
+    DDPM and consistency: every step but the last)."""
+    if not stochastic_sampler(sampler):
+        return False
+    from mvportrait.engine.schedulers import DDIMSampler
+
+    return True if isinstance(sampler, DDIMSampler) else prev_t >= 0
 
 
 # ------------------------------------------------------------------------------------ the engine loop
@@ -209,20 +234,29 @@ def _admit(st: StreamState) -> _Window | None:
         st.f_buf = torch.zeros(st.settings.stream_batch, *feats.shape, device=st.device, dtype=st.dtype)
     st.f_buf[slot] = feats
     t2 = time.perf_counter()
-    # noise in the sampler's order: start latents, then the overlap noise of every re-imposition
+    # all of the window's noise now, in the order _Sampler.sample draws it: start latents, overlap noise
+    # at t0, then per step the step's own noise (stochastic samplers) and the overlap noise at prev_t
     shape = st.x_buf.shape[1:]
     g = st.generator
-    x_T = torch.randn(shape, generator=g, dtype=st.dtype).to(st.device)
-    noise = []
-    if k:
-        for t in _impose_times(st):
-            noise.append(torch.randn(shape, generator=g, dtype=st.dtype).to(st.device)[:, :O] if t >= 0 else None)
+
+    def draw():
+        return torch.randn(shape, generator=g, dtype=st.dtype).to(st.device)
+
+    x_T = draw()
+    impose = _impose_times(st)
+    noise = [draw()[:, :O] if k else None]
+    step_noise = []
+    for i, draws in enumerate(st.step_draws):
+        step_noise.append(draw() if draws else None)
+        if k:
+            noise.append(draw()[:, :O] if impose[i + 1] >= 0 else None)
     st.x_buf[slot] = x_T
     if k:
         st.x_buf[slot, :, :O] = st.sampler.schedule.add_noise(_known(st, k), noise[0], st.pairs[0][0])
     emit_to = start + W if st.total is None else min(start + W, st.total)
-    w = _Window(index=k, start=start, emit_from=first_new, emit_to=emit_to, slot=slot, noise=noise, flame=fp,
-                revision=st.revision, t_admit=t0, stage1_s=t1 - t0, render_s=t2 - t1)
+    w = _Window(index=k, start=start, emit_from=first_new, emit_to=emit_to, slot=slot, noise=noise,
+                step_noise=step_noise, flame=fp, revision=st.revision, t_admit=t0, stage1_s=t1 - t0,
+                render_s=t2 - t1)
     st.next_index += 1
     return w
 
@@ -268,9 +302,22 @@ def _execute(st: StreamState, plan: StepPlan) -> None:
     plan.call_s = time.perf_counter() - t0
 
 
+def _step_noise(st: StreamState, plan: StepPlan) -> torch.Tensor | None:
+    """(B, V, W, C, h, w) noise of this call's sampler step: each row's own pre-drawn noise for its step
+    (zeros where that step draws none: a per-row last step, which ignores it); None when no row needs any."""
+    if not st.stochastic:
+        return None
+    rows = [w.step_noise[w.step] for w in plan.rows]
+    if all(n is None for n in rows):
+        if isinstance(plan.prev_step, torch.Tensor):  # per-row steps: the samplers want a tensor anyway
+            return torch.zeros_like(plan.x)
+        return None
+    return torch.stack([torch.zeros_like(plan.x[0]) if n is None else n for n in rows])
+
+
 def _update(st: StreamState, plan: StepPlan) -> None:
     """Sampler step for every row, overlap re-imposition (oldest window first), retire finished windows."""
-    prev, x0 = st.sampler.step(plan.out, plan.t_step, plan.x, prev_t=plan.prev_step)
+    prev, x0 = st.sampler.step(plan.out, plan.t_step, plan.x, prev_t=plan.prev_step, noise=_step_noise(st, plan))
     if plan.index is None:
         st.x_buf.copy_(prev)
     else:
@@ -356,4 +403,5 @@ def run(st: StreamState) -> None:
         st.release()
 
 
-__all__ = ["FrameTimings", "StreamFrame", "StreamSettings", "StreamState", "StepPlan", "run"]
+__all__ = ["FrameTimings", "StreamFrame", "StreamSettings", "StreamState", "StepPlan", "run", "stochastic_sampler",
+           "step_draws_noise"]

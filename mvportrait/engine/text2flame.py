@@ -22,6 +22,12 @@ starts at ``k * (max_frames - overlap)``, and its first ``overlap`` frames are f
 text conditions every window alike (the described action repeats window after window). The
 smoothing runs once over the joined sequence.
 
+Distilled students: ``Text2FLAME.from_pretrained(student=True)`` loads ``motion_student`` +
+``emotion_student`` (consistency distillation of the teachers, ``mvportrait.train.distill``): the
+sampler becomes a ``ConsistencySampler`` (trailing 1/2/4-step grid), the default guidance 1.0 (the
+teachers' guidance is folded in) and the default step count :attr:`Text2FLAME.default_steps` (2);
+:attr:`Text2FLAME.is_student` tells which is loaded.
+
 Backends: ``backend`` (``torch`` | ``compile`` | ``onnxruntime`` | ``tensorrt``, or a per-stage spec;
 default ``MVP_BACKEND``) runs MotionDM, EmotionDM and the text encoder's network through
 ``engine/backends.py``; the sampling code is the same for all of them.
@@ -30,7 +36,6 @@ Models are trained at 25 fps; other ``fps`` values resample the 25 fps output li
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -41,13 +46,16 @@ import torch
 
 from mvportrait.config import MOTION_DIM
 from mvportrait.drivers.text import split_prompt
-from mvportrait.engine.schedulers import DDIMSampler, NoiseSchedule
+from mvportrait.engine.schedulers import ConsistencySampler, DDIMSampler, NoiseSchedule
 from mvportrait.flame.params import FlameParams
 from mvportrait.models.motion_denoiser import MotionDenoiser, smooth_frames
+from mvportrait.models.students import distill_info, load_stage1
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "stage1"
+STUDENT_STEMS = ("motion_student", "emotion_student")
+TEACHER_STEPS = 50
 MAX_SECONDS = 600.0
 
 
@@ -60,18 +68,8 @@ class Timings:
 
 
 def _load(path_stem: Path) -> tuple[MotionDenoiser, dict]:
-    from safetensors.torch import load_file
-
-    from mvportrait.config import DenoiserConfig
-
-    w, j = path_stem.with_suffix(".safetensors"), path_stem.with_suffix(".json")
-    for p in (w, j):
-        if not p.is_file():
-            raise FileNotFoundError(f"stage-1 weights file {p} is missing")
-    meta = json.loads(j.read_text())
-    model = MotionDenoiser(DenoiserConfig.from_dict(meta["config"]))
-    model.load_state_dict({k: v.float() for k, v in load_file(str(w)).items()})
-    return model.eval(), meta
+    """(model, JSON metadata) of ``<stem>.{safetensors,json}``: a teacher or a distilled student."""
+    return load_stage1(path_stem)
 
 
 def cond_rows(cond, rows: slice):
@@ -98,7 +96,7 @@ class Text2FLAME:
 
     def __init__(self, motion_model: MotionDenoiser, emotion_model: MotionDenoiser, text_encoder,
                  *, overlap: int = 20, eta: float = 0.0, timestep_spacing: str = "trailing",
-                 backend: str | None = None, cache=None):
+                 backend: str | None = None, cache=None, distill: dict | None = None):
         from mvportrait.engine.backends import resolve_backend, stage1_models
 
         if motion_model.cfg.in_dim != MOTION_DIM:
@@ -119,26 +117,48 @@ class Text2FLAME:
         self.timestep_spacing = timestep_spacing
         self.model_fps = float(motion_model.cfg.fps)
         self.last_timings = Timings()
-        self._samplers: dict[int, DDIMSampler] = {}
+        self.distill = distill_info({"distill": distill}, "distill") if distill is not None else None
+        self._samplers: dict[int, DDIMSampler | ConsistencySampler] = {}
+
+    @property
+    def is_student(self) -> bool:
+        """True when the models are consistency students (few-step sampling, guidance folded in)."""
+        return self.distill is not None
+
+    @property
+    def default_steps(self) -> int:
+        """Sampling steps used when none are given: the students' ``default_steps``, else 50 (DDIM)."""
+        return int(self.distill["default_steps"]) if self.distill else TEACHER_STEPS
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, *, text_encoder=None, text_model=None, device="cpu",
-                        **kwargs) -> "Text2FLAME":
+    def from_pretrained(cls, path: str | Path | None = None, *, student: bool = False, text_encoder=None,
+                        text_model=None, device="cpu", **kwargs) -> "Text2FLAME":
         """Load ``motion.{safetensors,json}`` + ``emotion.{...}`` from ``path`` (default: the shipped
-        ``mvportrait/weights/stage1``); the text encoder named in the JSON (MiniLM) unless given,
-        read from the local folder ``text_model`` if set (else ``MVP_TEXT_MODEL`` / the package;
-        see ``open_text_encoder``)."""
+        ``mvportrait/weights/stage1``); with ``student=True`` the distilled ``motion_student`` +
+        ``emotion_student`` of that folder instead (consistency sampling, guidance 1, the students'
+        ``default_steps``; their teachers are read from the paths they name). The text encoder named in
+        the JSON (MiniLM) unless given, read from the local folder ``text_model`` if set (else
+        ``MVP_TEXT_MODEL`` / the package; see ``open_text_encoder``)."""
         from mvportrait.models.text_encoder import open_text_encoder
 
         folder = Path(path) if path is not None else DEFAULT_WEIGHTS
         if not folder.is_dir():
             raise FileNotFoundError(f"no stage-1 weights folder at {folder}")
-        motion, mmeta = _load(folder / "motion")
-        emotion, emeta = _load(folder / "emotion")
+        stems = STUDENT_STEMS if student else ("motion", "emotion")
+        motion, mmeta = _load(folder / stems[0])
+        emotion, emeta = _load(folder / stems[1])
+        infos = [distill_info(mmeta, folder / stems[0]), distill_info(emeta, folder / stems[1])]
+        if (infos[0] is None) != (infos[1] is None):
+            raise ValueError(f"{folder}: one of motion / emotion is a distilled student and the other is not; "
+                             "load both teachers or both students")
+        distill = None
+        if infos[0] is not None:
+            distill = dict(infos[0], default_steps=max(infos[0]["default_steps"], infos[1]["default_steps"]),
+                           guidance_emotion=infos[1]["guidance"])
         if text_encoder is None:
             text_encoder = open_text_encoder(mmeta.get("text_encoder", "minilm"), text_model, device=device)
-        pipe = cls(motion.to(device), emotion.to(device), text_encoder, **kwargs)
-        pipe.meta = {"motion": mmeta, "emotion": emeta, "path": str(folder)}
+        pipe = cls(motion.to(device), emotion.to(device), text_encoder, distill=distill, **kwargs)
+        pipe.meta = {"motion": mmeta, "emotion": emeta, "path": str(folder), "student": distill is not None}
         return pipe
 
     @property
@@ -162,13 +182,17 @@ class Text2FLAME:
             return emb.tokens.float(), emb.mask
         return emb.pooled.float()
 
-    def _sampler(self, model: MotionDenoiser) -> DDIMSampler:
+    def _sampler(self, model: MotionDenoiser) -> DDIMSampler | ConsistencySampler:
+        """DDIM for teachers; the consistency sampler (trailing spacing, the students' grid) for students."""
         key = id(model)
         if key not in self._samplers:
             cfg = model.cfg
-            self._samplers[key] = DDIMSampler(NoiseSchedule.from_kind(cfg.beta_schedule, cfg.train_timesteps),
-                                              prediction_type=cfg.prediction, timestep_spacing=self.timestep_spacing,
-                                              eta=self.eta)
+            schedule = NoiseSchedule.from_kind(cfg.beta_schedule, cfg.train_timesteps)
+            if self.is_student:
+                self._samplers[key] = ConsistencySampler(schedule, prediction_type=cfg.prediction)
+            else:
+                self._samplers[key] = DDIMSampler(schedule, prediction_type=cfg.prediction,
+                                                  timestep_spacing=self.timestep_spacing, eta=self.eta)
         return self._samplers[key]
 
     def text_pair(self, model: MotionDenoiser, text) -> tuple:
@@ -188,13 +212,14 @@ class Text2FLAME:
 
     @torch.no_grad()
     def sample_window(self, model: MotionDenoiser, cond, uncond, *, known: torch.Tensor | None = None,
-                      steps: int = 50, guidance: float | None = None,
+                      steps: int | None = None, guidance: float | None = None,
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """One window (B, max_frames, D) in normalised units (no smoothing) for ``(cond, uncond)`` from
         :meth:`text_pair`. ``known`` (B, overlap, D), normalised: the previous window's last frames,
         fixed as this window's first ``overlap`` frames through the sampler's inpainting hook. The
         building block of :meth:`sample` and of the streaming runtime's stage 1."""
         guidance = float(model.cfg.guidance) if guidance is None else float(guidance)
+        steps = self.default_steps if steps is None else steps
         b, w, d = cond_batch(cond), model.cfg.max_frames, model.cfg.in_dim
         dev = next(model.parameters()).device
         sampler = self._sampler(model)
@@ -216,13 +241,14 @@ class Text2FLAME:
                               cond=cond, uncond=uncond, known=known, known_mask=mask, device=dev)
 
     @torch.no_grad()
-    def sample(self, model: MotionDenoiser, text, frames: int, *, steps: int = 50,
+    def sample(self, model: MotionDenoiser, text, frames: int, *, steps: int | None = None,
                guidance: float | None = None, generator: torch.Generator | None = None,
                smooth: bool = True) -> torch.Tensor:
         """(B, frames, D) in model units (radians / coefficients) for a text condition (from
         :meth:`encode`: (B, text_dim), or ``(tokens, mask)`` for a tokens model), at the model's fps.
 
-        ``guidance`` None uses the model's default (``cfg.guidance``); 1 disables classifier-free guidance."""
+        ``guidance`` None uses the model's default (``cfg.guidance``; 1.0 for a student, whose guidance is
+        folded in); 1 disables classifier-free guidance. ``steps`` None: :attr:`default_steps`."""
         cond, uncond = self.text_pair(model, text)
         w = model.cfg.max_frames
         hop = w - self.overlap
@@ -240,7 +266,7 @@ class Text2FLAME:
 
     # -------------------------------------------------------------------------- generate
     def generate(self, prompt: str = "", *, motion: str | None = None, emotion: str | None = None,
-                 seconds: float = 4.0, fps: float = 25.0, seed: int = 0, steps: int = 50,
+                 seconds: float = 4.0, fps: float = 25.0, seed: int = 0, steps: int | None = None,
                  guidance: float | None = None, shape: torch.Tensor | None = None, n_shape: int = 300,
                  n_expr: int | None = None, smooth: bool = True) -> FlameParams:
         """One FLAME sequence (B=1) of ``round(seconds * fps)`` frames for ``prompt``.
@@ -257,6 +283,7 @@ class Text2FLAME:
             raise ValueError(f"seconds must be at most {MAX_SECONDS:g}, got {seconds}")
         if not 1 <= fps <= 240:
             raise ValueError(f"fps must be in [1, 240], got {fps}")
+        steps = self.default_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
             raise ValueError(f"steps must be an int in [1, 1000], got {steps!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -298,4 +325,4 @@ class Text2FLAME:
                            neck_pose=pose[..., 3:6].contiguous(), jaw_pose=pose[..., 6:9].contiguous(), fps=float(fps))
 
 
-__all__ = ["Text2FLAME", "Timings", "resample_frames", "cond_rows", "DEFAULT_WEIGHTS"]
+__all__ = ["Text2FLAME", "Timings", "resample_frames", "cond_rows", "DEFAULT_WEIGHTS", "STUDENT_STEMS"]

@@ -41,6 +41,7 @@ from mvportrait.config import Stage2Config
 from mvportrait.fileio import atomic_write
 from mvportrait.models.autoencoder import Autoencoder
 from mvportrait.models.flame_encoder import FlameEncoder
+from mvportrait.models.students import distill_info, overlay, teacher_path
 from mvportrait.models.unet import MVUNet, ReferenceCache, ReferenceUNet
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class FLAME2VideoModel(nn.Module):
         self.reference_unet = ReferenceUNet(un)
         self.image_embedder = ImageEmbedder(ae.latent_channels, un.cross_attention_dim, config.image_tokens,
                                             config.image_embed_width)
+        self.distill: dict | None = None  # the "distill" object of a consistency student's checkpoint
 
     @classmethod
     def from_name(cls, preset: str, **overrides) -> "FLAME2VideoModel":
@@ -242,6 +244,9 @@ class FLAME2VideoModel(nn.Module):
         if not isinstance(meta.get("config"), dict):
             raise ValueError(f"{cfg_path} has no 'config' object")
         config = Stage2Config.from_dict(meta["config"])
+        info = distill_info(meta, cfg_path)
+        if info is not None:
+            return cls._student_from_pretrained(folder, meta, info, config, device=device, dtype=dtype)
         with torch.device("meta"):
             model = cls(config)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -259,4 +264,33 @@ class FLAME2VideoModel(nn.Module):
             raise ValueError(f"{w_path}: {len(bad)} tensors have shapes the config does not give: {bad[:5]}")
         state = {k: t.to(device=device, dtype=dtype) for k, t in loaded.items()}
         model.load_state_dict(state, assign=True)
+        return model.eval()
+
+    @classmethod
+    def _student_from_pretrained(cls, folder: Path, meta: dict, info: dict, config: Stage2Config, *, device,
+                                 dtype) -> "FLAME2VideoModel":
+        """A distilled student folder: its stored tensors (the denoising UNet) over the teacher it names
+        (:mod:`mvportrait.models.students`); the config is the student's (guidance 1.0, folded)."""
+        from safetensors.torch import load_file
+
+        teacher = teacher_path(folder, info)
+        if teacher.resolve() == folder.resolve():
+            raise ValueError(f"{folder / CONFIG_FILE}: a student cannot be its own teacher")
+        tmeta_path = teacher / CONFIG_FILE
+        if tmeta_path.is_file() and distill_info(json.loads(tmeta_path.read_text())) is not None:
+            raise ValueError(f"{folder}: teacher {teacher} is itself a student")
+        model = cls.from_pretrained(teacher, device=device, dtype=dtype)
+        if {k: v for k, v in model.config.to_dict().items() if k != "guidance"} != \
+                {k: v for k, v in config.to_dict().items() if k != "guidance"}:
+            raise ValueError(f"{folder}: the student's config differs from its teacher's ({teacher}) beyond guidance")
+        w_path = folder / WEIGHTS_FILE
+        if not w_path.is_file():
+            raise FileNotFoundError(f"stage-2 student weights {w_path} are missing")
+        try:
+            tensors = load_file(str(w_path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on bad files
+            raise ValueError(f"{w_path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+        overlay(model, tensors, w_path)
+        model.config = config
+        model.distill = info
         return model.eval()

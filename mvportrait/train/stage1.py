@@ -49,6 +49,7 @@ from mvportrait.config import DenoiserConfig, Stage1TrainConfig
 from mvportrait.data.corpus import Text2FlameCorpus
 from mvportrait.engine.schedulers import NoiseSchedule
 from mvportrait.fileio import atomic_write
+from mvportrait.train.common import load_optimizer, optimizer_tensors
 from mvportrait.models.motion_denoiser import MotionDenoiser, diffusion_loss
 
 log = logging.getLogger(__name__)
@@ -222,29 +223,6 @@ def _step_seed(seed: int, kind: str, step: int) -> int:
     return (seed * 1_000_003 + _KIND_CODE[kind] * 7_919 + step) % (2**63 - 1)
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
-    out = {}
-    params = opt.param_groups[0]["params"]
-    for name, p in zip(names, params):
-        st = opt.state.get(p)
-        if not st:
-            continue
-        out[f"opt.{name}.exp_avg"] = st["exp_avg"]
-        out[f"opt.{name}.exp_avg_sq"] = st["exp_avg_sq"]
-        out[f"opt.{name}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
-    return out
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
-    params = opt.param_groups[0]["params"]
-    for name, p in zip(names, params):
-        key = f"opt.{name}.exp_avg"
-        if key not in tensors:
-            continue
-        opt.state[p] = {"exp_avg": tensors[key].clone(), "exp_avg_sq": tensors[f"opt.{name}.exp_avg_sq"].clone(),
-                        "step": tensors[f"opt.{name}.step"].reshape(()).cpu().clone()}  # AdamW keeps steps on the CPU
-
-
 # ----------------------------------------------------------------------------------- train
 def resolve_device(device: torch.device | str | None) -> torch.device:
     """``None``/"auto" -> cuda when available, else cpu; anything else must name an available device."""
@@ -305,7 +283,7 @@ def train_model(kind: str, cfg: DenoiserConfig, tc: Stage1TrainConfig, x: np.nda
         tensors = load_file(str(ckpt), device=str(dev))
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        _load_optimizer(opt, names, tensors)
+        load_optimizer(opt, names, tensors)
         start = int(meta["step"])
         log.info("resumed %s from step %d", kind, start)
     elif log_path.exists():
@@ -314,7 +292,7 @@ def train_model(kind: str, cfg: DenoiserConfig, tc: Stage1TrainConfig, x: np.nda
     def save_checkpoint(step: int) -> None:
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
-        tensors.update({k: v.detach().cpu().contiguous() for k, v in _optimizer_tensors(opt, names).items()})
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in optimizer_tensors(opt, names).items()})
         atomic_write(ckpt, lambda tmp: save_file(tensors, tmp))
         meta_path.write_text(json.dumps({"step": step, "kind": kind, "seed": seed, "config": cfg.to_dict(),
                                          "train": tc.to_dict(), "device": str(dev), "amp": amp}, indent=1))
@@ -396,18 +374,11 @@ def export_weights(model: MotionDenoiser, path_stem: Path, *, extra: dict | None
 
 
 def load_weights(path_stem: Path, device: torch.device | str = "cpu") -> tuple[MotionDenoiser, dict]:
-    """Inverse of :func:`export_weights`: (model in float32, eval mode; the JSON metadata)."""
-    path_stem = Path(path_stem)
-    w, j = path_stem.with_suffix(".safetensors"), path_stem.with_suffix(".json")
-    for p in (w, j):
-        if not p.is_file():
-            raise FileNotFoundError(f"stage-1 weights file {p} is missing")
-    meta = json.loads(j.read_text())
-    if meta.get("format") != WEIGHTS_FORMAT:
-        raise ValueError(f"{j} has weights format {meta.get('format')}, expected {WEIGHTS_FORMAT}")
-    model = MotionDenoiser(DenoiserConfig.from_dict(meta["config"]))
-    state = {k: v.float() for k, v in load_file(str(w)).items()}
-    model.load_state_dict(state)
+    """Inverse of :func:`export_weights` (model in float32, eval mode; the JSON metadata). Also loads a
+    distilled student (:mod:`mvportrait.models.students`), which names its teacher."""
+    from mvportrait.models.students import load_stage1
+
+    model, meta = load_stage1(path_stem)
     return model.to(device).eval(), meta
 
 

@@ -48,6 +48,7 @@ from mvportrait.config import Stage2Config
 from mvportrait.engine.schedulers import NoiseSchedule
 from mvportrait.fileio import atomic_write
 from mvportrait.models.stage2 import FLAME2VideoModel
+from mvportrait.train.common import load_optimizer, optimizer_tensors
 
 log = logging.getLogger(__name__)
 
@@ -289,21 +290,17 @@ def train_stage(model: FLAME2VideoModel, pool: ClipPool, tc: Stage2TrainConfig, 
             if ema is not None:
                 for n, e in zip(names, ema):
                     e.copy_(tensors[f"ema.{n}"])
-        from mvportrait.train.stage1 import _load_optimizer
-
-        _load_optimizer(opt, names, tensors)
+        load_optimizer(opt, names, tensors)
         start = int(meta["step"])
         log.info("resumed stage %s from step %d", tc.stage, start)
     elif log_path.exists():
         log_path.unlink()
 
     def save_checkpoint(step: int) -> None:
-        from mvportrait.train.stage1 import _optimizer_tensors
-
         tensors = {f"model.{n}": p.detach().contiguous() for n, p in named}
         if ema is not None:
             tensors.update({f"ema.{n}": e.contiguous() for n, e in zip(names, ema)})
-        tensors.update({k: v.contiguous() for k, v in _optimizer_tensors(opt, names).items()})
+        tensors.update({k: v.contiguous() for k, v in optimizer_tensors(opt, names).items()})
         atomic_write(ckpt, lambda tmp: save_file(tensors, tmp))
         atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(
             {"step": step, "seed": seed, "config": cfg.to_dict(), "train": tc.to_dict()}, indent=1)))

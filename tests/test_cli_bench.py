@@ -1,0 +1,82 @@
+"""``mvportrait bench e2e`` end to end on a micro config (both pipelines, rows, profile), and bad options."""
+import json
+
+import pytest
+import torch
+
+from mvportrait.cli import main
+
+MICRO = ["bench", "e2e", "--preset", "micro", "--views", "2", "--frames", "5", "--naive-steps", "2",
+         "--naive-stage1-steps", "2", "--threads", "1", "--prompt", "nods, then smiles"]
+KEYS = {"name", "backend", "metric", "unit", "p50", "p90", "n", "config", "device", "versions", "git_sha"}
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bench_e2e_micro_writes_rows_and_profile(tmp_path, capsys):
+    out, prof = tmp_path / "e2e.json", tmp_path / "prof.txt"
+    assert main(MICRO + ["--no-isolate", "--out", str(out), "--profile", str(prof)]) == 0
+    rows = json.loads(out.read_text())
+    assert all(set(r) == KEYS for r in rows)
+    by = {(r["backend"].split()[0], r["metric"]): r for r in rows}
+    for which in ("naive", "engine"):
+        for metric in ("first_frame", "fps", "peak_memory", "stage:unet", "stage:decode", "stage:raster",
+                       "stage:lbs", "stage:stage1", "stage:text"):
+            r = by[(which, metric)]
+            assert r["p50"] > 0 and r["p50"] == r["p90"], (which, metric)
+        assert by[(which, "first_frame")]["config"]["frames"] == 5
+    assert by[("naive", "stage:reference")]["p50"] > 0  # recomputed every step
+    assert by[("naive", "first_frame")]["config"]["steps"] == 2
+    eng = by[("engine", "fps")]["config"]
+    assert eng["steps"] == 1 and eng["guidance"] == 1.0 and "consistency" in eng["engine_model"]
+    assert eng["target_fps"] == 24.0 and eng["vs_target"] == pytest.approx(by[("engine", "fps")]["p50"] / 24, rel=1e-3)
+    speed = by[("engine/naive", "speedup_fps")]
+    assert speed["p50"] == pytest.approx(by[("engine", "fps")]["p50"] / by[("naive", "fps")]["p50"])
+    text = prof.read_text()
+    assert "## engine" in text and "## naive" in text and "Self CPU" in text
+    assert "engine/naive" in capsys.readouterr().out
+    table = _harness().e2e_table([out])  # the README table
+    assert table.count("\n| e2e |") == 3 and "**engine / naive**" in table and "2 views x 32 px" in table
+
+
+def _harness():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "harness.py"
+    spec = importlib.util.spec_from_file_location("bench_harness", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_e2e_isolated_engine_only(tmp_path):
+    """Each pipeline in its own process (peak memory of that pipeline alone)."""
+    out = tmp_path / "e2e.json"
+    assert main(MICRO + ["--only", "engine", "--out", str(out), "--profile", "none"]) == 0
+    rows = json.loads(out.read_text())
+    assert {r["backend"] for r in rows} == {"engine (torch)"}
+    assert all(r["config"]["isolated"] for r in rows)
+    assert not (tmp_path / "e2e_micro_profile_cpu.txt").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--preset", "huge"], "--preset"),
+    (["--views", "0"], "--views"),
+    (["--frames", "0"], "--frames"),
+    (["--backend", "fast"], "--backend"),
+    (["--only", "both-ish"], "--only"),
+    (["--sampler", "euler"], "--sampler"),
+    (["--size", "100"], "--size"),
+    (["--preset", "tiny", "--size", "64"], "random-weight preset"),
+    (["--device", "tpu"], "--device"),
+    (["--weights", "/nonexistent"], "--weights"),
+])
+def test_bench_e2e_bad_options(extra, message, capsys):
+    assert main(MICRO + extra) == 2
+    assert message in capsys.readouterr().err
