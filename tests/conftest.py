@@ -22,6 +22,17 @@ if not _has_cuda():
 import pytest  # noqa: E402
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """Run the test with torch on one thread (small models: less contention, stable numerics)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def stage2_micro_run(tmp_path_factory):
     """A stage-2 model trained for a few steps per stage at micro size (32 px, 2 views, 2 frames):

@@ -280,6 +280,6 @@ def cached_onnx(spec: ExportSpec, cache=None, *, opset: int = DEFAULT_OPSET, ext
 
 
 def _build_entry(spec, folder: Path, opset, external_data):
-    path = export_onnx(spec, folder / MODEL_FILE, opset=opset, external_data=external_data)
+    export_onnx(spec, folder / MODEL_FILE, opset=opset, external_data=external_data)
     (folder / "spec.json").write_text(json.dumps(spec.to_dict(), indent=1) + "\n")
     return None

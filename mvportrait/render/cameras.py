@@ -22,7 +22,6 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

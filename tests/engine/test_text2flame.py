@@ -13,12 +13,8 @@ from mvportrait.models.text_encoder import HashingEncoder
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(one_torch_thread):
     """Tiny models run fastest on one thread (and do not fight a busy machine's other processes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 SHIPPED = (DEFAULT_WEIGHTS / "motion.safetensors").is_file()
 needs_shipped = pytest.mark.skipif(not SHIPPED, reason="no shipped stage-1 weights")

@@ -12,12 +12,8 @@ from mvportrait.models.text_encoder import HashingEncoder
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(one_torch_thread):
     """Tiny models run fastest on one thread (and do not fight a busy machine's other processes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_ground_truth_scores_perfectly():

@@ -1,6 +1,5 @@
 """Stage-2 evaluation: metrics report and the comparison picture."""
 import numpy as np
-import pytest
 
 from mvportrait.engine.flame2video import FLAME2Video
 from mvportrait.evaluation.stage2 import comparison_sheet, evaluate_stage2
