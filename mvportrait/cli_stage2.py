@@ -162,14 +162,7 @@ def cmd_generate(args) -> int:
     except ValueError as e:
         raise cli.CliError(str(e)) from None
     if args.flame:
-        from mvportrait.flame import io as flame_io
-
-        try:
-            flame = flame_io.load_sequence(args.flame)
-        except (ValueError, KeyError, OSError) as e:
-            raise cli.CliError(f"--flame {args.flame}: {e}") from None
-        if shape is not None:
-            flame = _with_shape(flame, shape)
+        flame = load_flame_arg(args.flame, shape)
         parts = None
     else:
         from mvportrait.engine.text2flame import Text2FLAME
@@ -214,6 +207,18 @@ def use_student(args) -> bool:
     if getattr(args, "teacher", False):
         return False
     return DEFAULT_TO_STUDENT
+
+
+def load_flame_arg(path, shape):
+    """The ``--flame`` sequence file, with the reference identity's ``shape`` when given (None: as stored)."""
+    from mvportrait import cli
+    from mvportrait.flame import io as flame_io
+
+    try:
+        flame = flame_io.load_sequence(path)
+    except (ValueError, KeyError, OSError) as e:
+        raise cli.CliError(f"--flame {path}: {e}") from None
+    return flame if shape is None else _with_shape(flame, shape)
 
 
 def _with_shape(flame, shape):

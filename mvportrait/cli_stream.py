@@ -75,21 +75,11 @@ def cmd_stream(args) -> int:
             raise cli.CliError(f"{name} must be in [1, 1000], got {v}")
     if args.policy not in POLICIES:
         raise cli.CliError(f"--policy must be one of {', '.join(POLICIES)}, got {args.policy!r}")
-    from mvportrait.cli_stage2 import check_run_args
+    from mvportrait.cli_stage2 import check_run_args, load_flame_arg
 
     reference = check_run_args(args)
     shape = torch.from_numpy(identity_shape(DEFAULT_REFERENCE_IDENTITY)) if not args.reference else None
-    flame = None
-    if args.flame:
-        from mvportrait.cli_stage2 import _with_shape
-        from mvportrait.flame import io as flame_io
-
-        try:
-            flame = flame_io.load_sequence(args.flame)
-        except (ValueError, KeyError, OSError) as e:
-            raise cli.CliError(f"--flame {args.flame}: {e}") from None
-        if shape is not None:
-            flame = _with_shape(flame, shape)
+    flame = load_flame_arg(args.flame, shape) if args.flame else None
 
     t_start = time.perf_counter()
     engine = StreamingEngine.from_pretrained(args.weights, args.stage1_weights, device=args.device,

@@ -42,7 +42,7 @@ from typing import Iterator
 
 import torch
 
-from mvportrait.engine.schedulers import DDIMSampler, NoiseSchedule, combine_guidance
+from mvportrait.engine.schedulers import combine_guidance
 from mvportrait.flame.params import FlameParams
 
 log = logging.getLogger(__name__)
@@ -94,11 +94,13 @@ class NaivePipeline:
         if isinstance(stage2.model, BackendFLAME2VideoModel):
             raise ValueError(f"the naive pipeline runs the eager PyTorch modules; this FLAME2Video runs on "
                              f"{stage2.model.backend} (load it with backend='torch')")
+        for name, p in (("stage2", stage2), ("stage1", stage1)):
+            if p is not None and p.is_student:
+                raise ValueError(f"the naive pipeline runs the full-step teachers; the {name} pipeline holds a "
+                                 "distilled student (load it without student=True)")
         self.pipe, self.stage1 = stage2, stage1
         self.model = stage2.model
-        cfg = self.model.config
-        self.sampler = DDIMSampler(NoiseSchedule.from_kind(cfg.beta_schedule, cfg.train_timesteps),
-                                   prediction_type=cfg.prediction, timestep_spacing="trailing")
+        self.sampler = stage2.sampler  # the teacher pipeline's DDIM sampler: same schedule and spacing
         self.clock = _Clock()
 
     @property
@@ -145,8 +147,7 @@ class NaivePipeline:
         cond, uncond = t2f.text_pair(model, text)
         scale = float(model.cfg.guidance if guidance is None else guidance)
         cfg = model.cfg
-        sampler = DDIMSampler(NoiseSchedule.from_kind(cfg.beta_schedule, cfg.train_timesteps),
-                              prediction_type=cfg.prediction, timestep_spacing=t2f.timestep_spacing)
+        sampler = t2f.sampler_for(model)
         dev = next(model.parameters()).device
 
         def call(x, t, c):

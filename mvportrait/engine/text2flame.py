@@ -182,7 +182,7 @@ class Text2FLAME:
             return emb.tokens.float(), emb.mask
         return emb.pooled.float()
 
-    def _sampler(self, model: MotionDenoiser) -> DDIMSampler | ConsistencySampler:
+    def sampler_for(self, model: MotionDenoiser) -> DDIMSampler | ConsistencySampler:
         """DDIM for teachers; the consistency sampler (trailing spacing, the students' grid) for students."""
         key = id(model)
         if key not in self._samplers:
@@ -222,7 +222,7 @@ class Text2FLAME:
         steps = self.default_steps if steps is None else steps
         b, w, d = cond_batch(cond), model.cfg.max_frames, model.cfg.in_dim
         dev = next(model.parameters()).device
-        sampler = self._sampler(model)
+        sampler = self.sampler_for(model)
 
         def denoise(x, t, c):
             return model(x, t, *c) if isinstance(c, tuple) else model(x, t, c)

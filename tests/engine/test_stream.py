@@ -78,28 +78,14 @@ def test_lossless_order_completeness_and_frame_format(engine, ref):
     assert stats.mean_batch > 1.5  # stream batch: two windows per call in the steady state
 
 
-class _DecodeSpy:
-    """Records the latents every decode call gets, as (T, V, C, h, w) in frame order."""
-
-    def __init__(self, monkeypatch, pipe, views=2):
-        self.views, self.seen = views, []
-        real = pipe.model.autoencoder.decode
-        monkeypatch.setattr(pipe.model.autoencoder, "decode", lambda z: (self.seen.append(z.clone()), real(z))[1])
-
-    def take(self) -> torch.Tensor:
-        z = torch.cat(self.seen)
-        self.seen.clear()
-        return z.reshape(-1, self.views, *z.shape[1:])
-
-
 @pytest.mark.parametrize("steps, stream_batch", [(1, None), (3, 1)])
-def test_matches_offline_pipeline_where_exact(engine, pipe, ref, steps, stream_batch, monkeypatch):
+def test_matches_offline_pipeline_where_exact(engine, pipe, ref, steps, stream_batch, decode_spy):
     """One step, or one window at a time: the offline pipeline's noise and constraint, so the same frames
     (up to float rounding of rendering each window's frames separately)."""
     fp = demo_sequence(seconds=0.8)
     ctx = pipe.prepare(ref)
     maps, _ = pipe.render_conditions(fp, "ring-2")
-    spy = _DecodeSpy(monkeypatch, pipe)
+    spy = decode_spy(pipe)
     offline = pipe.generate_from_maps(ctx, maps, steps=steps, seed=4)
     z_off = spy.take()
     engine.prepare(ref, flame=fp, views="ring-2", steps=steps, seed=4, realtime=False, stream_batch=stream_batch)
@@ -111,7 +97,7 @@ def test_matches_offline_pipeline_where_exact(engine, pipe, ref, steps, stream_b
     assert (spy.take() - z_off).abs().max() < 2e-5
 
 
-def test_stream_batch_close_to_offline_and_continuous(engine, pipe, ref, monkeypatch):
+def test_stream_batch_close_to_offline_and_continuous(engine, pipe, ref, monkeypatch, decode_spy):
     """Three windows in flight: each window's overlap latents end exactly on its predecessor's final
     latents, and the frames stay close to the offline pipeline (conditioning on x0 estimates)."""
     from mvportrait.engine import stream_batch as stream_mod
@@ -119,7 +105,7 @@ def test_stream_batch_close_to_offline_and_continuous(engine, pipe, ref, monkeyp
     fp = demo_sequence(seconds=1.2)
     ctx = pipe.prepare(ref)
     maps, _ = pipe.render_conditions(fp, "ring-2")
-    spy = _DecodeSpy(monkeypatch, pipe)
+    spy = decode_spy(pipe)
     offline = pipe.generate_from_maps(ctx, maps, steps=3, seed=1)
     z_off = spy.take()
     finals = []

@@ -39,18 +39,6 @@ def ref():
     return torch.rand(3, 32, 32, generator=g) * 2 - 1
 
 
-class _DecodeSpy:
-    def __init__(self, monkeypatch, pipe, views=2):
-        self.views, self.seen = views, []
-        real = pipe.model.autoencoder.decode
-        monkeypatch.setattr(pipe.model.autoencoder, "decode", lambda z: (self.seen.append(z.clone()), real(z))[1])
-
-    def take(self) -> torch.Tensor:
-        z = torch.cat(self.seen)
-        self.seen.clear()
-        return z.reshape(-1, self.views, *z.shape[1:])
-
-
 def _stream(pipe, ref, fp, **kw):
     engine = StreamingEngine(pipe)
     engine.prepare(ref, flame=fp, views="ring-2", realtime=False, **kw)
@@ -72,13 +60,13 @@ def test_noise_rules():
 
 
 @pytest.mark.parametrize("steps", [1, 3])
-def test_one_window_at_a_time_equals_offline(pipe, ref, steps, monkeypatch):
+def test_one_window_at_a_time_equals_offline(pipe, ref, steps, decode_spy):
     """stream_batch=1: every window's noise (start, per-step, overlap) in the offline order -> the frames
     of FLAME2Video.generate_from_maps with the same consistency sampler and seed."""
     fp = demo_sequence(seconds=0.8)
     ctx = pipe.prepare(ref)
     maps, _ = pipe.render_conditions(fp, "ring-2")
-    spy = _DecodeSpy(monkeypatch, pipe)
+    spy = decode_spy(pipe)
     offline = pipe.generate_from_maps(ctx, maps, steps=steps, guidance=1.0, seed=3)
     z_off = spy.take()
     video, stats = _stream(pipe, ref, fp, steps=steps, seed=3, stream_batch=1)
@@ -92,13 +80,13 @@ def test_one_window_at_a_time_equals_offline(pipe, ref, steps, monkeypatch):
         assert not torch.equal(other, offline)
 
 
-def test_stream_batch_rows_get_their_own_noise(pipe, ref, monkeypatch):
+def test_stream_batch_rows_get_their_own_noise(pipe, ref, decode_spy):
     """Three windows at three different steps share each call; window 0 (no predecessor to condition on)
     must still equal the offline window 0 exactly: its rows got its own step noise at every step."""
     fp = demo_sequence(seconds=0.8)
     ctx = pipe.prepare(ref)
     maps, _ = pipe.render_conditions(fp, "ring-2")
-    spy = _DecodeSpy(monkeypatch, pipe)
+    spy = decode_spy(pipe)
     pipe.generate_from_maps(ctx, maps, steps=3, guidance=1.0, seed=5)
     z_off = spy.take()
     video, stats = _stream(pipe, ref, fp, steps=3, seed=5)
@@ -146,7 +134,7 @@ def test_text_stream_with_a_consistency_stage1_equals_offline(pipe, ref, monkeyp
         cfg = model.cfg
         return samplers.setdefault(id(model), ConsistencySampler(_schedule(cfg), prediction_type=cfg.prediction))
 
-    monkeypatch.setattr(Text2FLAME, "_sampler", student_sampler)
+    monkeypatch.setattr(Text2FLAME, "sampler_for", student_sampler)
     engine = StreamingEngine(pipe, t2f)
     engine.prepare(ref, "nods twice, then smiles", views="ring-2", fps=25.0, seconds=2.0, steps=1, seed=5,
                    realtime=False, stage1_steps=2, stage1_guidance=1.0, queue_size=1)

@@ -214,7 +214,7 @@ def test_student_round_trip_gives_consistency_sampling_without_guidance(teacher_
     assert not any(".linear1." in k for k in stored)  # only the trained tensors are stored
     pipe = Text2FLAME.from_pretrained(teacher_folder, student=True, text_encoder=HashingEncoder())
     assert pipe.is_student and pipe.default_steps == 2
-    assert isinstance(pipe._sampler(pipe.motion_model), ConsistencySampler)
+    assert isinstance(pipe.sampler_for(pipe.motion_model), ConsistencySampler)
     assert pipe.default_guidance() == {"motion": 1.0, "emotion": 1.0}
     for kind in ("motion", "emotion"):
         got = dict(getattr(pipe, f"{kind}_model").named_parameters())
@@ -222,7 +222,7 @@ def test_student_round_trip_gives_consistency_sampling_without_guidance(teacher_
             torch.testing.assert_close(got[n], p.detach().half().float(), rtol=0, atol=0)
     teacher = Text2FLAME.from_pretrained(teacher_folder, text_encoder=HashingEncoder())
     assert not teacher.is_student and teacher.default_steps == 50
-    assert isinstance(teacher._sampler(teacher.motion_model), DDIMSampler)
+    assert isinstance(teacher.sampler_for(teacher.motion_model), DDIMSampler)
     assert teacher.default_guidance() == {"motion": 2.5, "emotion": 2.5}
     params = pipe.generate("nods slowly and smiles", seconds=1.0, seed=0)
     assert params.num_frames == 25 and pipe.last_timings.extra["steps"] == 2
@@ -242,7 +242,7 @@ def test_one_step_student_sample_is_consistency_x0_at_999(teacher_folder, tiny_t
     got = pipe.sample_window(m, cond, uncond, steps=1, generator=torch.Generator().manual_seed(7))
     x_T = torch.randn(1, m.cfg.max_frames, m.cfg.in_dim, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        want = consistency_x0(pipe._sampler(m).schedule, m.cfg.prediction,
+        want = consistency_x0(pipe.sampler_for(m).schedule, m.cfg.prediction,
                               m(x_T, torch.tensor([999]), *cond), x_T, 999)
     torch.testing.assert_close(got, want)
 
