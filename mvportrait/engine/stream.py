@@ -69,8 +69,9 @@ leaving a ``with`` block, ``aclose()``, or dropping the iterator) stops the work
 and ends the threads; an exception raised in any stage is raised to the consumer.
 
 Hot loop: no ``.item()`` / ``.cpu()`` / printing between model calls; timestep tensors are cached
-per step pattern. The one device-to-host copy is the decoded frames of a finished window (skipped
-with ``output="torch"``). Timings are host-side (on a GPU they measure launches, not kernels).
+per step pattern. A finished window is decoded one frame (all views) at a time and each frame is
+queued as soon as it is decoded, so the first frame does not wait for the rest of its window; its
+device-to-host copy is the only one (skipped with ``output="torch"``). Timings are host-side (on a GPU they measure launches, not kernels).
 """
 from __future__ import annotations
 

@@ -349,24 +349,27 @@ def _update(st: StreamState, plan: StepPlan) -> None:
 
 
 def _emit(st: StreamState, w: _Window) -> bool:
-    """Decode a finished window's new frames and queue them; False when the queue was closed."""
-    st.stage = "decode"
-    t0 = time.perf_counter()
+    """Decode a finished window's new frames and queue them; False when the queue was closed.
+
+    Frames are decoded one at a time (all views of a frame in one decoder call, as
+    ``FLAME2Video.decode`` does) and each is queued as soon as it is decoded, so the first frame of a
+    window does not wait for the decoding of the window's other frames.
+    """
     lo, hi = w.emit_from - w.start, w.emit_to - w.start
-    lat = w.final[:, lo:hi].transpose(0, 1)  # (n, V, C, h, w)
-    n, v = lat.shape[:2]
-    img = st.model.autoencoder.decode(lat.reshape(n * v, *lat.shape[2:]))  # (n V, 3, H, W)
-    u8 = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    u8 = u8.reshape(n, v, *u8.shape[1:]).permute(0, 1, 3, 4, 2)  # (n, V, H, W, 3)
-    views = u8.cpu().numpy() if st.settings.output == "numpy" else u8
-    dec = time.perf_counter() - t0
-    st.stats.busy_s += dec
     n_new = w.flame.num_frames
+    n = hi - lo
     for j in range(n):
+        st.stage = "decode"
+        t0 = time.perf_counter()
+        img = st.model.autoencoder.decode(w.final[:, lo + j])  # (V, 3, H, W)
+        u8 = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # (V, H, W, 3)
+        views = u8.cpu().numpy() if st.settings.output == "numpy" else u8
+        dec = time.perf_counter() - t0
+        st.stats.busy_s += dec
         i = w.emit_from + j
         tm = FrameTimings(stage1_s=w.stage1_s / n_new, render_s=w.render_s / n_new, denoise_s=w.denoise_s / n,
-                          decode_s=dec / n, latency_s=time.perf_counter() - w.t_admit)
-        frame = StreamFrame(index=i, timestamp=i / st.settings.fps, views=views[j], timings=tm,
+                          decode_s=dec, latency_s=time.perf_counter() - w.t_admit)
+        frame = StreamFrame(index=i, timestamp=i / st.settings.fps, views=views, timings=tm,
                             revision=w.revision, flame=w.flame.frames(j, j + 1))
         st.stage = "output"
         if not st.queue.put(frame, frame.timestamp):

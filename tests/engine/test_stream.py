@@ -97,6 +97,22 @@ def test_matches_offline_pipeline_where_exact(engine, pipe, ref, steps, stream_b
     assert (spy.take() - z_off).abs().max() < 2e-5
 
 
+def test_frames_are_queued_as_they_are_decoded(pipe, tiny_t2f, ref, monkeypatch):
+    """A window of several new frames is decoded one frame (all views) at a time, and each frame is
+    queued before the next is decoded: the first frame does not wait for its whole window."""
+    events = []  # the first window (2 frames, no predecessor) emits both of its frames
+    real_decode, real_put = pipe.model.autoencoder.decode, FrameQueue.put
+    monkeypatch.setattr(pipe.model.autoencoder, "decode", lambda z: (events.append(("decode", z.shape[0])),
+                                                                     real_decode(z))[1])
+    monkeypatch.setattr(FrameQueue, "put", lambda q, f, ts: (events.append(("put", f.index)), real_put(q, f, ts))[1])
+    eng = StreamingEngine(pipe, tiny_t2f)
+    eng.prepare(ref, flame=demo_sequence(seconds=0.5), views="ring-2", steps=2, seed=0, realtime=False)
+    frames, _ = _frames(eng)
+    n = len(frames)
+    assert n >= 4 and pipe.window == 2
+    assert events == [e for i in range(n) for e in (("decode", 2), ("put", i))]
+
+
 def test_stream_batch_close_to_offline_and_continuous(engine, pipe, ref, monkeypatch, decode_spy):
     """Three windows in flight: each window's overlap latents end exactly on its predecessor's final
     latents, and the frames stay close to the offline pipeline (conditioning on x0 estimates)."""
