@@ -20,6 +20,22 @@ class CliError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
 
+def per_item_values(option: str, text, names, conv=float, what: str = "stage") -> dict:
+    """``--option`` as one value for every name ('8') or one per name in order ('64,64,16,8');
+    every value must be > 0. Returns {name: value}; CliError with the option's name otherwise."""
+    try:
+        vals = [conv(x) for x in str(text).split(",")]
+    except ValueError:
+        raise CliError(f"--{option} must be a number or one per {what}, comma-separated; got {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * len(names)
+    if len(vals) != len(names):
+        raise CliError(f"--{option} has {len(vals)} values for {len(names)} {what}s ({', '.join(names)})")
+    if any(not v > 0 for v in vals):
+        raise CliError(f"--{option} values must be > 0, got {text!r}")
+    return dict(zip(names, vals))
+
+
 def _progress(total: int, desc: str, enabled: bool = True):
     from tqdm import tqdm
 

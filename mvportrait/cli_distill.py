@@ -70,21 +70,7 @@ def _common(args) -> dict:
 
 def _budgets(text: str | None, names: tuple[str, ...]) -> dict[str, float] | None:
     """'600' -> the same budget for every model; '900,300' -> one per model, in order."""
-    cli = _cli()
-    if text is None:
-        return None
-    try:
-        vals = [float(x) for x in str(text).split(",")]
-    except ValueError:
-        raise cli.CliError(f"--time-budget must be seconds (or one value per model, comma-separated), "
-                           f"got {text!r}") from None
-    if len(vals) == 1:
-        vals = vals * len(names)
-    if len(vals) != len(names):
-        raise cli.CliError(f"--time-budget has {len(vals)} values for {len(names)} models ({', '.join(names)})")
-    if any(not v > 0 for v in vals):
-        raise cli.CliError(f"--time-budget values must be > 0 seconds, got {text!r}")
-    return dict(zip(names, vals))
+    return None if text is None else _cli().per_item_values("time-budget", text, names, float, what="model")
 
 
 def cmd_distill_stage1(args) -> int:

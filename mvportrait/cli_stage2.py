@@ -30,17 +30,7 @@ def cmd_train_stage2(args) -> int:
 
     def per_stage(name, text, conv):
         """'8' -> same for every stage; '64,64,16,8' -> one value per stage run."""
-        try:
-            vals = [conv(x) for x in str(text).split(",")]
-        except ValueError:
-            raise cli.CliError(f"--{name} must be a number or one per stage, comma-separated; got {text!r}") from None
-        if len(vals) == 1:
-            vals = vals * len(stages)
-        if len(vals) != len(stages):
-            raise cli.CliError(f"--{name} has {len(vals)} values for {len(stages)} stages ({', '.join(stages)})")
-        if any(not v > 0 for v in vals):
-            raise cli.CliError(f"--{name} values must be > 0, got {text!r}")
-        return dict(zip(stages, vals))
+        return cli.per_item_values(name, text, stages, conv)
 
     stage_over: dict[str, dict] = {s: {} for s in stages}
     if args.batch is not None:

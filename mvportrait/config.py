@@ -5,6 +5,7 @@ file name or path: a checkpoint carries its config as JSON (``to_dict`` / ``from
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -149,6 +150,32 @@ def _int_tuple(owner: str, name: str, v: Any, min_len: int = 1) -> tuple[int, ..
             isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v):
         raise ValueError(f"{owner}.{name} must be a tuple of at least {min_len} positive ints, got {v!r}")
     return tuple(v)
+
+
+def check_ints(cfg, names, minimum: int = 1) -> None:
+    """Raise ValueError unless every field in ``names`` of dataclass ``cfg`` is an int >= ``minimum``."""
+    for name in names:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+            raise ValueError(f"{type(cfg).__name__}.{name} must be {what}, got {v!r}")
+
+
+def check_numbers(cfg, names) -> None:
+    """Raise ValueError unless every field in ``names`` of dataclass ``cfg`` is a finite number >= 0."""
+    for name in names:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{type(cfg).__name__}.{name} must be a finite number >= 0, got {v!r}")
+
+
+def replace_known(cfg, **kw):
+    """``dataclasses.replace`` that names unknown fields in its error."""
+    known = {f.name for f in fields(cfg)}
+    bad = sorted(set(kw) - known)
+    if bad:
+        raise ValueError(f"unknown {type(cfg).__name__} fields {bad}; known: {sorted(known)}")
+    return replace(cfg, **kw)
 
 
 def _from_flat_dict(cls, d: dict):

@@ -14,7 +14,7 @@ from mvportrait.cli import main
     (["distill", "stage1", "--out", "{tmp}/r", "--target-ema", "1.5"], r"--target-ema must be in \[0, 1\)"),
     (["distill", "stage1", "--out", "{tmp}/r", "--subset", "lora"], "--subset must be one of all, no-ff"),
     (["distill", "stage1", "--out", "{tmp}/r", "--time-budget", "10,20,30"], "3 values for 2 models"),
-    (["distill", "stage1", "--out", "{tmp}/r", "--time-budget", "soon"], "--time-budget must be seconds"),
+    (["distill", "stage1", "--out", "{tmp}/r", "--time-budget", "soon"], "--time-budget must be a number or one per model"),
     (["distill", "stage1", "--out", "{tmp}/r", "--teacher", "{tmp}"], "no motion teacher"),
     (["distill", "stage2", "--out", "{tmp}/r", "--views", "0"], "--views must be >= 1"),
     (["distill", "stage2", "--out", "{tmp}/r", "--lr", "-1"], "--lr must be > 0"),

@@ -46,13 +46,14 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from mvportrait.config import check_ints, check_numbers, replace_known
 from mvportrait.engine.schedulers import DDIMSampler, NoiseSchedule, combine_guidance, consistency_x0
 from mvportrait.fileio import atomic_write
 from mvportrait.train.common import load_optimizer, optimizer_tensors
@@ -96,19 +97,10 @@ class DistillConfig:
     frame_stride: int = 2
 
     def __post_init__(self):
-        for name in ("steps", "batch", "skip", "log_every", "checkpoint_every", "default_steps", "corpus_size",
-                     "captions_per_clip", "pool_size", "views", "frames", "frame_stride"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"DistillConfig.{name} must be a positive int, got {v!r}")
-        for name in ("warmup", "corpus_seed", "pool_seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"DistillConfig.{name} must be an int >= 0, got {v!r}")
-        for name in ("lr", "weight_decay", "grad_clip", "huber_c", "velocity_weight"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"DistillConfig.{name} must be a finite number >= 0, got {v!r}")
+        check_ints(self, ("steps", "batch", "skip", "log_every", "checkpoint_every", "default_steps", "corpus_size",
+                          "captions_per_clip", "pool_size", "views", "frames", "frame_stride"))
+        check_ints(self, ("warmup", "corpus_seed", "pool_seed"), minimum=0)
+        check_numbers(self, ("lr", "weight_decay", "grad_clip", "huber_c", "velocity_weight"))
         if not self.lr > 0:
             raise ValueError(f"DistillConfig.lr must be > 0, got {self.lr}")
         if not 0 <= self.target_ema < 1:
@@ -127,11 +119,7 @@ class DistillConfig:
         return asdict(self)
 
     def replace(self, **kw) -> "DistillConfig":
-        known = {f.name for f in fields(self)}
-        bad = sorted(set(kw) - known)
-        if bad:
-            raise ValueError(f"unknown DistillConfig fields {bad}; known: {sorted(known)}")
-        return replace(self, **kw)
+        return replace_known(self, **kw)
 
 
 DEFAULTS = {

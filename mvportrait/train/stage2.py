@@ -36,7 +36,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from mvportrait.config import Stage2Config
+from mvportrait.config import Stage2Config, check_ints, check_numbers, replace_known
 from mvportrait.engine.schedulers import NoiseSchedule
 from mvportrait.fileio import atomic_write
 from mvportrait.models.stage2 import FLAME2VideoModel
@@ -81,15 +81,10 @@ class Stage2TrainConfig:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        for name in ("steps", "batch", "warmup", "log_every", "checkpoint_every", "pool_size", "views", "frames",
-                     "frame_stride"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "warmup" else 1):
-                raise ValueError(f"Stage2TrainConfig.{name} must be a positive int, got {v!r}")
-        for name in ("lr", "ema", "ref_drop", "kl_weight", "grad_clip", "weight_decay"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"Stage2TrainConfig.{name} must be a finite number >= 0, got {v!r}")
+        check_ints(self, ("steps", "batch", "log_every", "checkpoint_every", "pool_size", "views", "frames",
+                          "frame_stride"))
+        check_ints(self, ("warmup",), minimum=0)
+        check_numbers(self, ("lr", "ema", "ref_drop", "kl_weight", "grad_clip", "weight_decay"))
         if not 0 <= self.ref_drop < 1 or not 0 <= self.ema < 1:
             raise ValueError("ref_drop and ema must lie in [0, 1)")
 
@@ -97,11 +92,7 @@ class Stage2TrainConfig:
         return asdict(self)
 
     def replace(self, **kw) -> "Stage2TrainConfig":
-        known = {f.name for f in fields(self)}
-        bad = sorted(set(kw) - known)
-        if bad:
-            raise ValueError(f"unknown Stage2TrainConfig fields {bad}; known: {sorted(known)}")
-        return replace(self, **kw)
+        return replace_known(self, **kw)
 
 
 STAGE_DEFAULTS = {

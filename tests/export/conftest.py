@@ -6,28 +6,16 @@ would prove nothing)."""
 import pytest
 import torch
 
-from mvportrait.config import AutoencoderConfig, DenoiserConfig, Stage2Config, UNetConfig
+from micro import fill_zero_params, micro_stage2_config
+
+from mvportrait.config import DenoiserConfig, Stage2Config
 from mvportrait.models.motion_denoiser import MotionDenoiser
 from mvportrait.models.stage2 import FLAME2VideoModel
 from mvportrait.models.text_encoder import BertConfig, BertEncoderNet
 
 
 def micro_config(**kw) -> Stage2Config:
-    unet = UNetConfig(block_channels=(16, 32), layers_per_block=1, attention_levels=(False, True), head_dim=8,
-                      cross_attention_dim=16, norm_groups=4, temporal_attentions=1, flame_widths=(4, 8, 8))
-    ae = AutoencoderConfig(block_out=(8, 16, 16), layers_per_block=1, norm_groups=4, mid_attention=True,
-                           scaling_factor=0.7)
-    return Stage2Config(**{**dict(autoencoder=ae, unet=unet, image_size=32, views=2, frames=2, image_tokens=4,
-                                  image_embed_width=8, prediction="v_prediction"), **kw})
-
-
-def fill_zeros(model, seed=0, std=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
+    return micro_stage2_config(ae_mid_attention=True, **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +26,7 @@ def _one_thread(one_torch_thread):
 @pytest.fixture(scope="session")
 def micro_model():
     torch.manual_seed(0)
-    return fill_zeros(FLAME2VideoModel(micro_config()).eval())
+    return fill_zero_params(FLAME2VideoModel(micro_config()).eval())
 
 
 @pytest.fixture(scope="session")

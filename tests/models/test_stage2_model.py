@@ -4,35 +4,19 @@ import json
 import pytest
 import torch
 
-from mvportrait.config import AutoencoderConfig, Stage2Config, UNetConfig
+from micro import fill_zero_params, micro_stage2_config
+
+from mvportrait.config import Stage2Config, UNetConfig
 from mvportrait.models.flame_encoder import FlameEncoder
 from mvportrait.models.stage2 import FLAME2VideoModel, ReferenceContext
 from mvportrait.models.unet import ReferenceCache
 
 
-def small_config(**kw) -> Stage2Config:
-    unet = UNetConfig(block_channels=(16, 32), layers_per_block=1, attention_levels=(False, True), head_dim=8,
-                      cross_attention_dim=16, norm_groups=4, temporal_attentions=1, flame_widths=(4, 8, 8))
-    ae = AutoencoderConfig(block_out=(8, 16, 16), layers_per_block=1, norm_groups=4, mid_attention=False,
-                           scaling_factor=0.7)
-    return Stage2Config(**{**dict(autoencoder=ae, unet=unet, image_size=32, views=2, frames=2, image_tokens=4,
-                                  image_embed_width=8, prediction="v_prediction"), **kw})
-
-
-def perturb(model, seed=0, std=0.05):
-    """Non-zero weights for every zero-initialised layer (FLAME encoder out, temporal / view out)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = FLAME2VideoModel(small_config()).eval()
-    perturb(m)
+    m = FLAME2VideoModel(micro_stage2_config()).eval()
+    fill_zero_params(m)
     return m
 
 
@@ -51,7 +35,7 @@ def test_flame_encoder_zero_init_and_shapes():
     r = torch.rand(3, 5, 32, 32)
     out = enc(r)
     assert out.shape == (3, 32, 8, 8) and not out.any()
-    perturb(enc)
+    fill_zero_params(enc)
     assert enc(r).abs().max() > 0
     with pytest.raises(ValueError, match="needs 4 widths"):
         FlameEncoder(5, 32, (16, 32, 64), downsample=8)
@@ -63,7 +47,7 @@ def test_flame_encoder_zero_init_and_shapes():
 
 def test_fresh_model_ignores_flame_renders():
     torch.manual_seed(1)
-    m = FLAME2VideoModel(small_config()).eval()
+    m = FLAME2VideoModel(micro_stage2_config()).eval()
     ref, renders, x = _data(m)
     with torch.no_grad():
         ctx = m.prepare_reference(ref)
@@ -162,11 +146,11 @@ def test_load_errors(model, tmp_path):
     weights.write_bytes(blob)
     cfg_path = folder / "config.json"
     meta = json.loads(cfg_path.read_text())
-    other = small_config(image_embed_width=12).to_dict()
+    other = micro_stage2_config(image_embed_width=12).to_dict()
     cfg_path.write_text(json.dumps({**meta, "config": other}))
     with pytest.raises(ValueError, match="shapes the config does not give"):
         FLAME2VideoModel.from_pretrained(folder)
-    cfg_path.write_text(json.dumps({**meta, "config": small_config(unet=small_config().unet.replace(view=False))
+    cfg_path.write_text(json.dumps({**meta, "config": micro_stage2_config(unet=micro_stage2_config().unet.replace(view=False))
                                     .to_dict()}))
     with pytest.raises(ValueError, match="unexpected keys"):
         FLAME2VideoModel.from_pretrained(folder)
