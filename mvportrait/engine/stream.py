@@ -23,7 +23,9 @@ with the previous window (as :meth:`FLAME2Video.generate_from_maps`): window ``k
 **Stream batch** (StreamDiffusion). Each window needs ``S = steps`` denoising steps. Up to
 ``B = stream_batch`` windows (default ``S``) are in flight at once, each at its own step: every
 model call runs one batched :meth:`FLAME2VideoModel.denoise` over all of them with per-row
-timesteps, a new window enters at every call and, in the steady state, one leaves finished. So one
+timesteps, a new window enters at every call and, in the steady state, one leaves finished
+(except that, with ``fast_start`` (default), window 0 runs its ``S`` steps alone so the first frame
+is not delayed by its successors' rows; the batch fills from window 1 on). So one
 call yields ``H`` frames instead of ``H / S``, at ``S`` calls of latency; each call carries ``B``
 rows, so the gain is what batching buys on the device (large on a GPU, where a small batch does not
 fill it; little on a CPU that one window already saturates). The reference K/V cache is shared by
@@ -250,7 +252,7 @@ class StreamingEngine:
                 guidance: float | None = None, seed: int = 0, queue_size: int = 8, policy: str = "lossless",
                 realtime: bool = True, stream_batch: int | None = None, stage1_steps: int | None = None,
                 stage1_guidance: float | None = None, output: str = "numpy",
-                lookahead: bool = True) -> "StreamingEngine":
+                lookahead: bool = True, fast_start: bool = True) -> "StreamingEngine":
         """All per-stream setup, once: reference K/V cache, text encoding, stage-1 look-ahead, cameras,
         schedules and the stream-batch buffers. Then :meth:`stream`.
 
@@ -264,6 +266,8 @@ class StreamingEngine:
         ``guidance``: image guidance (default :func:`default_guidance`); ``stream_batch``: windows in
         flight (1..steps, default steps). ``policy`` / ``queue_size`` / ``realtime``: the output queue
         (:mod:`.stream_queue`). ``output``: ``numpy`` (host uint8) or ``torch`` (tensor on the device).
+        ``fast_start``: the first window denoises alone, the stream batch fills from the second one on
+        (the first frame comes a batched call sooner; False: windows enter from the first call on).
         """
         from mvportrait.drivers.text import split_prompt
 
@@ -315,7 +319,7 @@ class StreamingEngine:
                                 guidance=stage1_guidance, seed=seed, total=frames, lookahead=lookahead)
         self.settings = StreamSettings(fps=fps, steps=steps, guidance=guidance, seed=seed, queue_size=queue_size,
                                        policy=policy, realtime=bool(realtime), stream_batch=stream_batch,
-                                       output=output, frames=frames)
+                                       output=output, frames=frames, fast_start=bool(fast_start))
         old = self.state
         if old is not None and not old.started:
             old.driver.close()

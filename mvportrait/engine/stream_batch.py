@@ -57,6 +57,7 @@ class StreamSettings:
     stream_batch: int
     output: str
     frames: int | None  # total frames (None: until closed)
+    fast_start: bool = True  # the first window denoises alone (lower time to first frame)
 
 
 # ------------------------------------------------------------------------------------ internal state
@@ -271,7 +272,8 @@ def _timesteps(st: StreamState, values: tuple[int, ...]) -> torch.Tensor:
 def _schedule(st: StreamState) -> StepPlan | None:
     """Apply pending updates, admit one window, and lay out the batch; None when all is done."""
     _apply_updates(st)
-    if len(st.windows) < st.settings.stream_batch:
+    first_alone = st.settings.fast_start and st.next_index == 1 and st.windows  # window 0 still in flight
+    if len(st.windows) < st.settings.stream_batch and not first_alone:
         w = _admit(st)
         if w is not None:
             st.windows.append(w)

@@ -113,6 +113,23 @@ def test_frames_are_queued_as_they_are_decoded(pipe, tiny_t2f, ref, monkeypatch)
     assert events == [e for i in range(n) for e in (("decode", 2), ("put", i))]
 
 
+@pytest.mark.parametrize("fast_start, first_calls", [(True, [1, 1, 1, 2, 2]), (False, [1, 2, 2, 2, 2])])
+def test_fast_start_runs_the_first_window_alone(engine, ref, monkeypatch, fast_start, first_calls):
+    """fast_start: window 0 takes its S steps alone (rows per call 1, 1), then the batch fills as usual;
+    without it a new window enters at every call from the first on."""
+    from mvportrait.engine import stream_batch as stream_mod
+
+    rows = []
+    real_execute = stream_mod._execute
+    monkeypatch.setattr(stream_mod, "_execute", lambda st, plan: (rows.append(len(plan.rows)),
+                                                                  real_execute(st, plan))[1])
+    engine.prepare(ref, flame=demo_sequence(seconds=0.8), views="ring-2", steps=2, seed=0, realtime=False,
+                   fast_start=fast_start)
+    frames, _ = _frames(engine)
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert rows[:5] == first_calls and sum(rows) == 2 * (len(frames) - 1)  # every window takes 2 steps
+
+
 def test_stream_batch_close_to_offline_and_continuous(engine, pipe, ref, monkeypatch, decode_spy):
     """Three windows in flight: each window's overlap latents end exactly on its predecessor's final
     latents, and the frames stay close to the offline pipeline (conditioning on x0 estimates)."""
