@@ -107,6 +107,19 @@ def check_run_args(args) -> Path:
     return reference
 
 
+def check_backend_arg(args) -> None:
+    """``--backend`` (else MVP_BACKEND) parsed and every backend it names usable on ``--device``."""
+    from mvportrait import envs
+    from mvportrait.engine.backends import BackendUnavailable, check_backend
+
+    try:
+        stages = envs.parse_backend_spec(args.backend) if args.backend else envs.parse_backend_spec(envs.backend())
+        for name in set(stages.values()):
+            check_backend(name, args.device)
+    except (ValueError, BackendUnavailable) as e:
+        raise _cli().CliError(f"--backend: {e}") from None
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -136,15 +149,7 @@ def cmd_generate(args) -> int:
     reference = check_run_args(args)
     # identity shape: known for the shipped portrait (a corpus identity), the mean head otherwise
     shape = torch.from_numpy(identity_shape(DEFAULT_REFERENCE_IDENTITY)) if not args.reference else None
-    from mvportrait import envs
-    from mvportrait.engine.backends import BackendUnavailable, check_backend
-
-    try:
-        stages = envs.parse_backend_spec(args.backend) if args.backend else envs.parse_backend_spec(envs.backend())
-        for name in set(stages.values()):
-            check_backend(name, args.device)
-    except (ValueError, BackendUnavailable) as e:
-        raise cli.CliError(f"--backend: {e}") from None
+    check_backend_arg(args)
     t_start = time.perf_counter()
     pipe = FLAME2Video.from_pretrained(args.weights, student=student, device=args.device, backend=args.backend)
     try:

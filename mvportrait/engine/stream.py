@@ -218,16 +218,18 @@ class StreamingEngine:
 
     @classmethod
     def from_pretrained(cls, stage2_path=None, stage1_path=None, *, device="cpu", text_model=None,
-                        stage1: bool = True, overlap: int | None = None, student: bool = False) -> "StreamingEngine":
+                        stage1: bool = True, overlap: int | None = None, student: bool = False,
+                        backend: str | None = None) -> "StreamingEngine":
         """Shipped (or given) stage-2 model folder, and stage-1 weights unless ``stage1=False``;
-        ``student=True``: the distilled students (consistency sampling, their default steps, guidance 1)."""
+        ``student=True``: the distilled students (consistency sampling, their default steps, guidance 1);
+        ``backend``: as for the pipelines (a name or ``stage1=...,stage2=...``; default MVP_BACKEND)."""
         from mvportrait.engine.flame2video import FLAME2Video
         from mvportrait.engine.text2flame import Text2FLAME
 
         kw = {} if overlap is None else {"overlap": overlap}
-        s2 = FLAME2Video.from_pretrained(stage2_path, student=student, device=device, **kw)
-        s1 = Text2FLAME.from_pretrained(stage1_path, student=student, device=device,
-                                        text_model=text_model) if stage1 else None
+        s2 = FLAME2Video.from_pretrained(stage2_path, student=student, device=device, backend=backend, **kw)
+        s1 = Text2FLAME.from_pretrained(stage1_path, student=student, device=device, text_model=text_model,
+                                        backend=backend) if stage1 else None
         return cls(s2, s1)
 
     # ------------------------------------------------------------------------------------ setup
