@@ -107,6 +107,20 @@ def check_run_args(args) -> Path:
     return reference
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_HELP = ("stage-2 network precision: float32 (default) | bfloat16 (fast on CPUs with bfloat16 instructions "
+              "and on GPUs) | float16 (GPU)")
+
+
+def dtype_arg(args):
+    """``--dtype`` as a torch dtype (CliError for an unknown name)."""
+    import torch
+
+    if args.dtype not in DTYPES:
+        raise _cli().CliError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    return getattr(torch, args.dtype)
+
+
 def check_backend_arg(args) -> None:
     """``--backend`` (else MVP_BACKEND) parsed and every backend it names usable on ``--device``."""
     from mvportrait import envs
@@ -151,7 +165,8 @@ def cmd_generate(args) -> int:
     shape = torch.from_numpy(identity_shape(DEFAULT_REFERENCE_IDENTITY)) if not args.reference else None
     check_backend_arg(args)
     t_start = time.perf_counter()
-    pipe = FLAME2Video.from_pretrained(args.weights, student=student, device=args.device, backend=args.backend)
+    pipe = FLAME2Video.from_pretrained(args.weights, student=student, device=args.device, backend=args.backend,
+                                       dtype=dtype_arg(args))
     try:
         ctx = pipe.prepare(reference)
     except ValueError as e:
@@ -243,7 +258,7 @@ def cmd_eval_stage2(args) -> int:
         raise cli.CliError("--n must be >= 1 and --steps in [1, 1000]")
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = FLAME2Video.from_pretrained(args.weights, student=args.student, device=args.device)
+    pipe = FLAME2Video.from_pretrained(args.weights, student=args.student, device=args.device, dtype=dtype_arg(args))
     steps = pipe.default_steps if args.steps is None else args.steps
     from tqdm import tqdm
 
@@ -314,6 +329,7 @@ def register(sub, train_sub, eval_sub) -> None:
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--backend", help="torch | compile | onnxruntime | tensorrt, or per stage: "
                                       "stage1=torch,stage2=onnxruntime (default: MVP_BACKEND, else torch)")
+    s.add_argument("--dtype", default="float32", help=DTYPE_HELP)
     s.add_argument("--threads", type=int, help="torch CPU threads")
     s.add_argument("--per-view", action="store_true", help="also write one video per view (OUT_view0.mp4, ...)")
     s.add_argument("--out", default="out.mp4", help="multi-view grid video (.mp4)")
@@ -330,6 +346,7 @@ def register(sub, train_sub, eval_sub) -> None:
     s.add_argument("--guidance", type=float)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="float32", help=DTYPE_HELP)
     s.add_argument("--threads", type=int)
     s.add_argument("--pictures", type=int, default=2, help="clips shown in the picture")
     s.add_argument("--picture", default="docs/stage2_eval.png", help="ground truth vs generated picture")

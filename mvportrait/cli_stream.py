@@ -75,17 +75,18 @@ def cmd_stream(args) -> int:
             raise cli.CliError(f"{name} must be in [1, 1000], got {v}")
     if args.policy not in POLICIES:
         raise cli.CliError(f"--policy must be one of {', '.join(POLICIES)}, got {args.policy!r}")
-    from mvportrait.cli_stage2 import check_backend_arg, check_run_args, load_flame_arg
+    from mvportrait.cli_stage2 import check_backend_arg, check_run_args, dtype_arg, load_flame_arg
 
     reference = check_run_args(args)
     check_backend_arg(args)
+    dtype = dtype_arg(args)
     shape = torch.from_numpy(identity_shape(DEFAULT_REFERENCE_IDENTITY)) if not args.reference else None
     flame = load_flame_arg(args.flame, shape) if args.flame else None
 
     t_start = time.perf_counter()
     engine = StreamingEngine.from_pretrained(args.weights, args.stage1_weights, device=args.device,
                                              text_model=args.text_model, stage1=flame is None, overlap=args.overlap,
-                                             student=args.student, backend=args.backend)
+                                             student=args.student, backend=args.backend, dtype=dtype)
     engine.prepare(reference, args.prompt, motion=args.motion, emotion=args.emotion, flame=flame,
                    shape=shape if flame is None else None, views=args.views, fps=args.fps, seconds=args.seconds,
                    steps=args.steps, guidance=args.guidance, seed=args.seed, queue_size=args.queue,
@@ -146,6 +147,8 @@ def cmd_stream(args) -> int:
 
 def register(sub) -> None:
     """Add the ``stream`` subcommand to the parsers built by :func:`mvportrait.cli.build_parser`."""
+    from mvportrait.cli_stage2 import DTYPE_HELP
+
     s = sub.add_parser("stream", help="stream multi-view frames as they are ready (live fps and latency)")
     s.add_argument("--prompt", help='e.g. "nods slowly, then smiles" (split into motion and emotion parts)')
     s.add_argument("--motion", help="motion text (overrides the prompt's motion part)")
@@ -173,6 +176,7 @@ def register(sub) -> None:
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--backend", help="torch | compile | onnxruntime | tensorrt, or per stage: "
                                       "stage1=torch,stage2=onnxruntime (default: MVP_BACKEND, else torch)")
+    s.add_argument("--dtype", default="float32", help=DTYPE_HELP)
     s.add_argument("--threads", type=int, help="torch CPU threads")
     s.add_argument("--out", default="stream.mp4", help="multi-view grid video written at the end ('' for none)")
     s.add_argument("--raw", help="also write every grid frame as raw RGB24 bytes, as it comes, to a file or - (stdout)")

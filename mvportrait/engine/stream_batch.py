@@ -225,7 +225,7 @@ def _admit(st: StreamState) -> _Window | None:
     fp = st.driver.params(cond_frames)
     t1 = time.perf_counter()
     st.stage = "render"
-    maps = st.pipe.render_maps(fp, _cameras_for(st, cond_frames))  # (1, V, n, 5, H, W)
+    maps = st.pipe.render_maps(fp, _cameras_for(st, cond_frames)).to(st.device, st.dtype)  # (1, V, n, 5, H, W)
     if k:
         maps = torch.cat([st.tail_maps, maps], dim=2)  # the overlap frames as the predecessor saw them
     st.tail_maps = maps[:, :, W - O:]

@@ -396,10 +396,13 @@ def test_cli_stream_writes_video_and_reports(stage2_micro_run, tmp_path, capsys)
     assert "--policy" in capsys.readouterr().err
     assert main(["stream", "--flame", str(seq), "--backend", "warp-drive", "--out", str(video)]) == 2
     assert "--backend" in capsys.readouterr().err
+    assert main(["stream", "--flame", str(seq), "--dtype", "float64", "--out", str(video)]) == 2
+    assert "--dtype" in capsys.readouterr().err
 
 
-def test_cli_stream_backend_compile_matches_torch(stage2_micro_run, tmp_path):
-    """--backend reaches the streaming engine: torch.compile frames equal eager ones up to rounding."""
+def test_cli_stream_backend_and_dtype(stage2_micro_run, tmp_path):
+    """--backend and --dtype reach the streaming engine: torch.compile frames equal eager ones up to
+    rounding; bfloat16 ones differ by bfloat16 rounding."""
     from mvportrait.cli import main
     from mvportrait.flame import io as flame_io
 
@@ -407,11 +410,12 @@ def test_cli_stream_backend_compile_matches_torch(stage2_micro_run, tmp_path):
     seq = tmp_path / "seq.npz"
     flame_io.save_sequence(seq, demo_sequence(seconds=0.4))
     raws = {}
-    for backend in ("torch", "compile"):
-        raws[backend] = tmp_path / f"{backend}.rgb"
+    for backend, dtype in (("torch", "float32"), ("compile", "float32"), ("torch", "bfloat16")):
+        raws[backend, dtype] = tmp_path / f"{backend}_{dtype}.rgb"
         argv = ["stream", "--flame", str(seq), "--weights", str(out / "final"), "--overlap", "1", "--views",
-                "ring-2", "--steps", "2", "--out", "", "--raw", str(raws[backend]), "--no-realtime", "--threads", "1",
-                "--backend", backend, "--quiet"]
+                "ring-2", "--steps", "2", "--out", "", "--raw", str(raws[backend, dtype]), "--no-realtime",
+                "--threads", "1", "--backend", backend, "--dtype", dtype, "--quiet"]
         assert main(argv) == 0
-    a, b = (np.frombuffer(raws[k].read_bytes(), np.uint8).astype(int) for k in ("torch", "compile"))
-    assert a.size == b.size > 0 and np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.05
+    a, b, c = (np.frombuffer(r.read_bytes(), np.uint8).astype(int) for r in raws.values())
+    assert a.size == b.size == c.size > 0 and np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.05
+    assert 0 < np.abs(a - c).mean() < 1.5  # --dtype reaches the networks: bfloat16 rounding, no more

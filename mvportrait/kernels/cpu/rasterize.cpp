@@ -248,29 +248,35 @@ inline double persp_weights(const double e[3], const double inv_z[3], double q[3
   return (q[0] + q[1]) + q[2];
 }
 
-// Z-buffer of one block of rows: winning face id per pixel (-1 = none) and its perspective weights
-// q0, q1, q2, qs (depth = 1 / qs).
+// Z-buffer of one block of rows, structure of arrays with a padded row stride (two spare
+// columns, so a two-pixel step that starts on the last column stays inside): per pixel the
+// winning face id as a double (-1 = none; face ids < 2^31 are exact), its perspective weights
+// q0, q1, q2 and their sum qs (depth = 1 / qs; -1 where empty, below any real qs >= 0). All
+// five arrays are doubles so one lane mask blends them alike.
 struct Block {
-  int32_t* id;
-  double* q;
+  double *id, *q0, *q1, *q2, *qs;
+  int64_t stride;
 };
 
-// Depth test of face f at block pixel p. Replace iff 1/qs < 1/qs_cur, strictly: faces arrive in
-// ascending id, so exact depth ties keep the lowest id. Rounding is monotone, so qs <= qs_cur
-// can never win and the two divisions are only needed when qs > qs_cur.
-inline void depth_test(Block& zb, int64_t p, int32_t f, double q0, double q1, double q2, double qs) {
-  double* cur = zb.q + 4 * p;
-  if (zb.id[p] < 0 || (qs > cur[3] && 1.0 / qs < 1.0 / cur[3])) {
+// Depth test of face f (as a double) at block pixel p. Replace iff the pixel is empty or
+// 1/qs < 1/qs_cur, strictly: faces arrive in ascending id, so exact depth ties keep the lowest
+// id. Rounding is monotone, so qs <= qs_cur can never win and the two divisions are only needed
+// when qs > qs_cur on an occupied pixel.
+inline void depth_test(Block& zb, int64_t p, double f, double q0, double q1, double q2, double qs) {
+  const double cur = zb.qs[p];
+  if (cur < 0.0 || (qs > cur && 1.0 / qs < 1.0 / cur)) {
     zb.id[p] = f;
-    cur[0] = q0;
-    cur[1] = q1;
-    cur[2] = q2;
-    cur[3] = qs;
+    zb.q0[p] = q0;
+    zb.q1[p] = q1;
+    zb.q2[p] = q2;
+    zb.qs[p] = qs;
   }
 }
 
 // Rows [ra, rb] of triangle t (face f) into the block starting at row0; scalar reference loop.
-void raster_rows_scalar(const Tri& t, int32_t f, int64_t ra, int64_t rb, int64_t row0, int64_t width, Block& zb) {
+// Edge value at (px, py): rt_i - ct_i with the row term rt_i = sdx_i * (py - ay_i) and the column
+// term ct_i = sdy_i * (px - ax_i), each one correctly rounded op as in the reference.
+void raster_rows_scalar(const Tri& t, double f, int64_t ra, int64_t rb, int64_t row0, Block& zb) {
   const double ax0 = t.ax[0], ax1 = t.ax[1], ax2 = t.ax[2], ay0 = t.ay[0], ay1 = t.ay[1], ay2 = t.ay[2];
   const double sx0 = t.sdx[0], sx1 = t.sdx[1], sx2 = t.sdx[2], sy0 = t.sdy[0], sy1 = t.sdy[1], sy2 = t.sdy[2];
   const uint32_t owner = t.owner;
@@ -278,7 +284,7 @@ void raster_rows_scalar(const Tri& t, int32_t f, int64_t ra, int64_t rb, int64_t
   for (int64_t r = ra; r <= rb; ++r) {
     const double py = static_cast<double>(r) + 0.5;
     const double rt0 = sx0 * (py - ay0), rt1 = sx1 * (py - ay1), rt2 = sx2 * (py - ay2);
-    const int64_t line = (r - row0) * width;
+    const int64_t line = (r - row0) * zb.stride;
     bool entered = false;
     for (int64_t c = c0; c <= c1; ++c) {
       const double px = static_cast<double>(c) + 0.5;
@@ -298,35 +304,63 @@ void raster_rows_scalar(const Tri& t, int32_t f, int64_t ra, int64_t rb, int64_t
 }
 
 #if MVP_HAVE_SSE2
-// Same as raster_rows_scalar, two pixel centres (columns c, c + 1) per step.
-void raster_rows_sse2(const Tri& t, int32_t f, int64_t ra, int64_t rb, int64_t row0, int64_t width, Block& zb) {
-  const __m128d ax0 = _mm_set1_pd(t.ax[0]), ax1 = _mm_set1_pd(t.ax[1]), ax2 = _mm_set1_pd(t.ax[2]);
-  const __m128d sy0 = _mm_set1_pd(t.sdy[0]), sy1 = _mm_set1_pd(t.sdy[1]), sy2 = _mm_set1_pd(t.sdy[2]);
-  const __m128d iz0 = _mm_set1_pd(t.inv_z[0]), iz1 = _mm_set1_pd(t.inv_z[1]), iz2 = _mm_set1_pd(t.inv_z[2]);
-  const __m128d all = _mm_castsi128_pd(_mm_set1_epi32(-1)), zero = _mm_setzero_pd();
-  const __m128d own0 = (t.owner & 1u) ? all : zero, own1 = (t.owner & 2u) ? all : zero,
-                own2 = (t.owner & 4u) ? all : zero;
-  const __m128d tiny = _mm_set1_pd(std::numeric_limits<double>::min());
-  const __m128d half = _mm_set_pd(1.5, 0.5);  // lanes (low, high) = columns (c, c + 1)
+inline __m128d blend(__m128d m, __m128d a, __m128d b) {  // m ? a : b, lane by lane
+  return _mm_or_pd(_mm_and_pd(m, a), _mm_andnot_pd(m, b));
+}
+
+// Inside test of one edge, the top-left rule resolved at compile time: e > 0, or e >= 0 for an
+// edge that owns its pixels.
+template <bool OWN>
+inline __m128d edge_in(__m128d e, __m128d zero) {
+  return OWN ? _mm_cmpge_pd(e, zero) : _mm_cmpgt_pd(e, zero);
+}
+
+// Same as raster_rows_scalar, two pixel centres (columns c, c + 1) per step. The column terms
+// of the bounding box are computed once per triangle (ct, 3 per step), so a step costs three
+// subtractions and three compares; pixels that pass go through the perspective weights and a
+// branch-free depth test (blends), except for the rare occupied pixel where the new fragment is
+// nearer (two divisions, as in depth_test). OWN: the owner bits (edge i owns bit i).
+template <unsigned OWN>
+void raster_rows_sse2(const Tri& t, double f, int64_t ra, int64_t rb, int64_t row0, Block& zb, __m128d* ct) {
   const int64_t c0 = t.c0, c1 = t.c1;
-  alignas(16) double q0[2], q1[2], q2[2], qs[2];
+  const int64_t nsteps = (c1 - c0 + 2) >> 1;
+  {
+    const __m128d ax0 = _mm_set1_pd(t.ax[0]), ax1 = _mm_set1_pd(t.ax[1]), ax2 = _mm_set1_pd(t.ax[2]);
+    const __m128d sy0 = _mm_set1_pd(t.sdy[0]), sy1 = _mm_set1_pd(t.sdy[1]), sy2 = _mm_set1_pd(t.sdy[2]);
+    __m128d px = _mm_add_pd(_mm_set1_pd(static_cast<double>(c0)), _mm_set_pd(1.5, 0.5));  // exact
+    const __m128d two = _mm_set1_pd(2.0);
+    for (int64_t k = 0; k < nsteps; ++k) {
+      ct[3 * k] = _mm_mul_pd(sy0, _mm_sub_pd(px, ax0));
+      ct[3 * k + 1] = _mm_mul_pd(sy1, _mm_sub_pd(px, ax1));
+      ct[3 * k + 2] = _mm_mul_pd(sy2, _mm_sub_pd(px, ax2));
+      px = _mm_add_pd(px, two);  // integers + 0.5 below 2^52: exact
+    }
+  }
+  const __m128d iz0 = _mm_set1_pd(t.inv_z[0]), iz1 = _mm_set1_pd(t.inv_z[1]), iz2 = _mm_set1_pd(t.inv_z[2]);
+  const __m128d zero = _mm_setzero_pd(), one = _mm_set1_pd(1.0), fid = _mm_set1_pd(f);
+  const __m128d tiny = _mm_set1_pd(std::numeric_limits<double>::min());
+  const __m128d all = _mm_castsi128_pd(_mm_set1_epi32(-1));
+  // the high lane of the last step lies past the box when its width is odd
+  const __m128d last = ((c1 - c0) & 1) ? all : _mm_castsi128_pd(_mm_set_epi32(0, 0, -1, -1));
+  const int lastbits = ((c1 - c0) & 1) ? 3 : 1;
+  const double sx0 = t.sdx[0], sx1 = t.sdx[1], sx2 = t.sdx[2], ay0 = t.ay[0], ay1 = t.ay[1], ay2 = t.ay[2];
   for (int64_t r = ra; r <= rb; ++r) {
     const double py = static_cast<double>(r) + 0.5;
-    const __m128d rt0 = _mm_set1_pd(t.sdx[0] * (py - t.ay[0])), rt1 = _mm_set1_pd(t.sdx[1] * (py - t.ay[1])),
-                  rt2 = _mm_set1_pd(t.sdx[2] * (py - t.ay[2]));
-    const int64_t line = (r - row0) * width;
+    const __m128d rt0 = _mm_set1_pd(sx0 * (py - ay0)), rt1 = _mm_set1_pd(sx1 * (py - ay1)),
+                  rt2 = _mm_set1_pd(sx2 * (py - ay2));
+    const int64_t line = (r - row0) * zb.stride + c0;
     bool entered = false;
-    for (int64_t c = c0; c <= c1; c += 2) {
-      const __m128d px = _mm_add_pd(_mm_set1_pd(static_cast<double>(c)), half);
-      const __m128d e0 = _mm_sub_pd(rt0, _mm_mul_pd(sy0, _mm_sub_pd(px, ax0)));
-      const __m128d e1 = _mm_sub_pd(rt1, _mm_mul_pd(sy1, _mm_sub_pd(px, ax1)));
-      const __m128d e2 = _mm_sub_pd(rt2, _mm_mul_pd(sy2, _mm_sub_pd(px, ax2)));
-      const __m128d in0 = _mm_or_pd(_mm_cmpgt_pd(e0, zero), _mm_and_pd(_mm_cmpeq_pd(e0, zero), own0));
-      const __m128d in1 = _mm_or_pd(_mm_cmpgt_pd(e1, zero), _mm_and_pd(_mm_cmpeq_pd(e1, zero), own1));
-      const __m128d in2 = _mm_or_pd(_mm_cmpgt_pd(e2, zero), _mm_and_pd(_mm_cmpeq_pd(e2, zero), own2));
-      int bits = _mm_movemask_pd(_mm_and_pd(_mm_and_pd(in0, in1), in2));
-      const int valid = c < c1 ? 3 : 1;  // the high lane may lie past the bounding box
-      bits &= valid;
+    for (int64_t k = 0; k < nsteps; ++k) {
+      const __m128d e0 = _mm_sub_pd(rt0, ct[3 * k]);
+      const __m128d e1 = _mm_sub_pd(rt1, ct[3 * k + 1]);
+      const __m128d e2 = _mm_sub_pd(rt2, ct[3 * k + 2]);
+      __m128d in = _mm_and_pd(_mm_and_pd(edge_in<(OWN & 1u) != 0>(e0, zero), edge_in<(OWN & 2u) != 0>(e1, zero)),
+                              edge_in<(OWN & 4u) != 0>(e2, zero));
+      int bits = _mm_movemask_pd(in);
+      if (k == nsteps - 1) {
+        in = _mm_and_pd(in, last);
+        bits &= lastbits;
+      }
       if (!bits) {
         if (entered) break;  // the covered columns of a row are contiguous (see the scalar loop)
         continue;
@@ -336,16 +370,31 @@ void raster_rows_sse2(const Tri& t, int32_t f, int64_t ra, int64_t rb, int64_t r
       const __m128d s = _mm_max_pd(_mm_add_pd(_mm_add_pd(e0, e1), e2), tiny);
       const __m128d w0 = _mm_mul_pd(_mm_div_pd(e0, s), iz0), w1 = _mm_mul_pd(_mm_div_pd(e1, s), iz1),
                     w2 = _mm_mul_pd(_mm_div_pd(e2, s), iz2);
-      _mm_store_pd(q0, w0);
-      _mm_store_pd(q1, w1);
-      _mm_store_pd(q2, w2);
-      _mm_store_pd(qs, _mm_add_pd(_mm_add_pd(w0, w1), w2));
-      if (bits & 1) depth_test(zb, line + c, f, q0[0], q1[0], q2[0], qs[0]);
-      if (bits & 2) depth_test(zb, line + c + 1, f, q0[1], q1[1], q2[1], qs[1]);
-      if (!(bits & 2)) break;  // the high lane is past the covered run (or the box): row done
+      const __m128d qs = _mm_add_pd(_mm_add_pd(w0, w1), w2);
+      const int64_t p = line + 2 * k;
+      const __m128d cur = _mm_loadu_pd(zb.qs + p);
+      const __m128d empty = _mm_cmplt_pd(cur, zero);
+      // win: empty, or qs > cur and 1 / qs < 1 / cur (divisions only for occupied pixels)
+      __m128d win = _mm_and_pd(in, _mm_or_pd(empty, _mm_cmpgt_pd(qs, cur)));
+      const __m128d occ = _mm_andnot_pd(empty, win);
+      if (_mm_movemask_pd(occ)) {
+        const __m128d nearer = _mm_cmplt_pd(_mm_div_pd(one, qs), _mm_div_pd(one, cur));
+        win = _mm_andnot_pd(_mm_andnot_pd(nearer, occ), win);
+      }
+      if (!_mm_movemask_pd(win)) continue;
+      _mm_storeu_pd(zb.qs + p, blend(win, qs, cur));
+      _mm_storeu_pd(zb.q0 + p, blend(win, w0, _mm_loadu_pd(zb.q0 + p)));
+      _mm_storeu_pd(zb.q1 + p, blend(win, w1, _mm_loadu_pd(zb.q1 + p)));
+      _mm_storeu_pd(zb.q2 + p, blend(win, w2, _mm_loadu_pd(zb.q2 + p)));
+      _mm_storeu_pd(zb.id + p, blend(win, fid, _mm_loadu_pd(zb.id + p)));
     }
   }
 }
+
+using RasterFn = void (*)(const Tri&, double, int64_t, int64_t, int64_t, Block&, __m128d*);
+constexpr RasterFn kRasterSse2[8] = {raster_rows_sse2<0>, raster_rows_sse2<1>, raster_rows_sse2<2>,
+                                     raster_rows_sse2<3>, raster_rows_sse2<4>, raster_rows_sse2<5>,
+                                     raster_rows_sse2<6>, raster_rows_sse2<7>};
 #endif
 
 // ------------------------------------------------------------------------------ argument checks
@@ -477,66 +526,93 @@ void rasterize_impl(const T* verts, int64_t n, int64_t nv, const int64_t* faces,
     }
   });
 
-  // 3. raster: tasks (view, row block). Per pixel of the block: winning face id (-1 = none) and
-  // its perspective weights q0, q1, q2, qs (depth = 1 / qs).
+  // 3. raster: tasks (view, row block), each with its own z-buffer (struct Block) in scratch
+  // memory of the thread, kept between calls; triangles in ascending face id.
+  const int64_t stride = ((width + 1) & ~int64_t(1)) + 2;  // even, two spare columns
   parallel_for(n * nblocks, nthreads, [&](int64_t task) {
     const int64_t img = task / nblocks, blk = task % nblocks;
     const int64_t row0 = blk * bh, row1 = std::min(height, row0 + bh);  // rows [row0, row1)
-    const int64_t npix = (row1 - row0) * width;
-    thread_local std::vector<double> qbuf;
-    thread_local std::vector<int32_t> ids;
-    ids.assign(npix, -1);
-    qbuf.resize(4 * npix);
-    double* qb = qbuf.data();
-    int32_t* id = ids.data();
-    Block zb{id, qb};
+    const int64_t nrows = row1 - row0, plane = nrows * stride;
+    thread_local std::vector<double> zbuf;
+    if (zbuf.size() < static_cast<size_t>(5 * plane + 3 * stride + 8)) zbuf.resize(5 * plane + 3 * stride + 8);
+    double* zp = zbuf.data();
+    Block zb{zp, zp + plane, zp + 2 * plane, zp + 3 * plane, zp + 4 * plane, stride};
+    std::fill(zb.id, zb.id + plane, -1.0);
+    std::fill(zb.qs, zb.qs + plane, -1.0);
     if (nf) {
       const Tri* tp = tris_p + img * nf;
       const int32_t* bin = bins[img].data();
+#if MVP_HAVE_SSE2
+      // column terms of one triangle: 3 per two-pixel step, 16-byte aligned after the planes
+      __m128d* ct = reinterpret_cast<__m128d*>((reinterpret_cast<uintptr_t>(zp + 5 * plane) + 15) & ~uintptr_t(15));
+#endif
       for (int64_t k = offsets[img][blk], kend = offsets[img][blk + 1]; k < kend; ++k) {
         const int32_t f = bin[k];
         const Tri& t = tp[f];
         const int64_t ra = std::max<int64_t>(t.r0, row0), rb = std::min<int64_t>(t.r1, row1 - 1);
 #if MVP_HAVE_SSE2
         if (simd) {
-          raster_rows_sse2(t, f, ra, rb, row0, width, zb);
+          kRasterSse2[t.owner](t, static_cast<double>(f), ra, rb, row0, zb, ct);
           continue;
         }
 #endif
-        raster_rows_scalar(t, f, ra, rb, row0, width, zb);
+        raster_rows_scalar(t, static_cast<double>(f), ra, rb, row0, zb);
       }
     }
-    const int64_t base = img * hw + row0 * width;
-    int64_t* o_id = tri_id + base;
-    T* o_bary = bary + 3 * base;
-    T* o_depth = depth + base;
-    uint8_t* o_mask = mask + base;
-    for (int64_t p = 0; p < npix; ++p) {
-      const int32_t f = id[p];
-      if (f >= 0) {
-        const double* cur = qb + 4 * p;
-        o_id[p] = f;
-        o_mask[p] = 1;
+    // the block's rows of every output (empty pixels too: -1 / 0 / false)
+    for (int64_t r = 0; r < nrows; ++r) {
+      const int64_t base = img * hw + (row0 + r) * width;
+      int64_t* o_id = tri_id + base;
+      T* o_bary = bary + 3 * base;
+      T* o_depth = depth + base;
+      uint8_t* o_mask = mask + base;
+      const double *zid = zb.id + r * stride, *z0 = zb.q0 + r * stride, *z1 = zb.q1 + r * stride,
+                   *z2 = zb.q2 + r * stride, *zs = zb.qs + r * stride;
+      int64_t c = 0;
 #if MVP_HAVE_SSE2
-        const __m128d qs = _mm_set1_pd(cur[3]);
-        alignas(16) double b01[2], b2d[2];
-        _mm_store_pd(b01, _mm_div_pd(_mm_loadu_pd(cur), qs));                // q0 / qs, q1 / qs
-        _mm_store_pd(b2d, _mm_div_pd(_mm_set_pd(1.0, cur[2]), qs));          // q2 / qs, 1 / qs
-        o_depth[p] = static_cast<T>(b2d[1]);
-        o_bary[3 * p] = static_cast<T>(b01[0]);
-        o_bary[3 * p + 1] = static_cast<T>(b01[1]);
-        o_bary[3 * p + 2] = static_cast<T>(b2d[0]);
-#else
-        o_depth[p] = static_cast<T>(1.0 / cur[3]);
-        o_bary[3 * p] = static_cast<T>(cur[0] / cur[3]);
-        o_bary[3 * p + 1] = static_cast<T>(cur[1] / cur[3]);
-        o_bary[3 * p + 2] = static_cast<T>(cur[2] / cur[3]);
+      const __m128d zero = _mm_setzero_pd(), one = _mm_set1_pd(1.0);
+      for (; c + 2 <= width; c += 2) {
+        const __m128d id = _mm_loadu_pd(zid + c);
+        const __m128d cov = _mm_cmpge_pd(id, zero);
+        const int bits = _mm_movemask_pd(cov);
+        if (!bits) {
+          o_id[c] = o_id[c + 1] = -1;
+          o_mask[c] = o_mask[c + 1] = 0;
+          o_depth[c] = o_depth[c + 1] = T(0);
+          std::fill(o_bary + 3 * c, o_bary + 3 * c + 6, T(0));
+          continue;
+        }
+        // bary_i = q_i / qs, depth = 1 / qs; zero where empty
+        const __m128d qs = _mm_loadu_pd(zs + c);
+        alignas(16) double b0[2], b1[2], b2[2], d[2];
+        _mm_store_pd(b0, _mm_and_pd(cov, _mm_div_pd(_mm_loadu_pd(z0 + c), qs)));
+        _mm_store_pd(b1, _mm_and_pd(cov, _mm_div_pd(_mm_loadu_pd(z1 + c), qs)));
+        _mm_store_pd(b2, _mm_and_pd(cov, _mm_div_pd(_mm_loadu_pd(z2 + c), qs)));
+        _mm_store_pd(d, _mm_and_pd(cov, _mm_div_pd(one, qs)));
+        for (int l = 0; l < 2; ++l) {
+          o_id[c + l] = static_cast<int64_t>(zid[c + l]);
+          o_mask[c + l] = static_cast<uint8_t>((bits >> l) & 1);
+          o_depth[c + l] = static_cast<T>(d[l]);
+          o_bary[3 * (c + l)] = static_cast<T>(b0[l]);
+          o_bary[3 * (c + l) + 1] = static_cast<T>(b1[l]);
+          o_bary[3 * (c + l) + 2] = static_cast<T>(b2[l]);
+        }
+      }
 #endif
-      } else {
-        o_id[p] = -1;
-        o_mask[p] = 0;
-        o_depth[p] = T(0);
-        o_bary[3 * p] = o_bary[3 * p + 1] = o_bary[3 * p + 2] = T(0);
+      for (; c < width; ++c) {
+        if (zid[c] >= 0.0) {
+          o_id[c] = static_cast<int64_t>(zid[c]);
+          o_mask[c] = 1;
+          o_depth[c] = static_cast<T>(1.0 / zs[c]);
+          o_bary[3 * c] = static_cast<T>(z0[c] / zs[c]);
+          o_bary[3 * c + 1] = static_cast<T>(z1[c] / zs[c]);
+          o_bary[3 * c + 2] = static_cast<T>(z2[c] / zs[c]);
+        } else {
+          o_id[c] = -1;
+          o_mask[c] = 0;
+          o_depth[c] = T(0);
+          o_bary[3 * c] = o_bary[3 * c + 1] = o_bary[3 * c + 2] = T(0);
+        }
       }
     }
   });
