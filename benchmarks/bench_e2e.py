@@ -12,7 +12,9 @@ Both pipelines turn the same prompt into ``--frames`` frames of ``--views`` view
 * **engine** (:class:`StreamingEngine`): students when present (consistency sampling, guidance folded: one
   call per step) else the teacher with few DDIM steps ([cond; uncond] batched), reference K/V cached once,
   views and windows batched, stream batch, fast kernels (C++ rasterizer on CPU, Triton on GPU), stage 1
-  in a look-ahead thread, ``--backend`` for stage 2. With random weights (sd15, micro) the engine runs
+  in a look-ahead thread, ``--backend`` for stage 2, stage 2 in ``--engine-dtype`` (auto: bfloat16 with
+  channels_last on a CPU with oneDNN bfloat16 kernels, else ``--dtype``; the naive pipeline stays in
+  ``--dtype``, float32 on CPU). With random weights (sd15, micro) the engine runs
   the consistency sampler on the same network: what a student of that preset costs.
 
 Measured per pipeline (each in its own process unless ``--no-isolate``, after a short warm-up):
@@ -72,6 +74,16 @@ def _dtype(args, dev) -> torch.dtype:
     return getattr(torch, args.dtype)
 
 
+def _engine_dtype(args, dev) -> torch.dtype:
+    """The engine's stage-2 precision: auto = bfloat16 on a CPU whose oneDNN has bfloat16 kernels (the fast
+    CPU setting, ``FLAME2Video`` docstring), else the naive pipeline's ``--dtype``."""
+    if getattr(args, "engine_dtype", "auto") != "auto":
+        return getattr(torch, args.engine_dtype)
+    if dev.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return _dtype(args, dev)
+
+
 def _micro_config(size, window):
     from mvportrait.config import AutoencoderConfig, Stage2Config, UNetConfig
 
@@ -121,13 +133,22 @@ def _stage1(args, dev):
     return teacher, teacher, args.stage1_steps or 10, None, "teacher (DDIM)"
 
 
+def _as_dtype(model, dtype):
+    """``model`` itself when it already has ``dtype``, else a converted copy (the naive pipeline keeps its own)."""
+    if next(model.parameters()).dtype == dtype:
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(dtype).eval()
+
+
 def load_models(args) -> dict:
     """The naive pipeline's teacher, the engine's stage 2 (student / stand-in / teacher), both stage 1s."""
     from mvportrait.engine.flame2video import DEFAULT_REFERENCE, DEFAULT_WEIGHTS, FLAME2Video
     from mvportrait.models.stage2 import FLAME2VideoModel
 
     dev = _device(args)
-    dtype = _dtype(args, dev)
+    dtype, engine_dtype = _dtype(args, dev), _engine_dtype(args, dev)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -159,25 +180,25 @@ def load_models(args) -> dict:
     sampler = args.sampler
     student_dir = STUDENT2 if args.preset == "tiny" and not args.weights else None
     if sampler in ("auto", "consistency") and student_dir is not None and (student_dir / "config.json").is_file():
-        engine = FLAME2Video.from_pretrained(student_dir, student=True, device=dev, dtype=dtype,
+        engine = FLAME2Video.from_pretrained(student_dir, student=True, device=dev, dtype=engine_dtype,
                                              backend=args.backend, overlap=overlap, **kw)
         steps = args.steps or engine.default_steps
         engine_note, guidance = "shipped student (consistency)", 1.0
     elif sampler == "consistency" or (sampler == "auto" and random_weights):
-        engine = FLAME2Video(model, overlap=overlap, backend=args.backend, **kw)
+        engine = FLAME2Video(_as_dtype(model, engine_dtype), overlap=overlap, backend=args.backend, **kw)
         engine.sampler = _consistency(engine.config, engine.config.prediction)
         steps, guidance = args.steps or 1, 1.0
         engine_note = ("consistency sampler on the same network (random weights: what a student costs)"
                        if random_weights else "teacher network with a consistency sampler (no student shipped)")
     else:
-        engine = teacher if args.backend == "torch" else FLAME2Video(model, overlap=overlap, backend=args.backend,
-                                                                     **kw)
+        engine = (teacher if args.backend == "torch" and engine_dtype == dtype else
+                  FLAME2Video(_as_dtype(model, engine_dtype), overlap=overlap, backend=args.backend, **kw))
         steps, guidance = args.steps or 4, float(model.config.guidance)
         engine_note = f"teacher, {steps} DDIM steps, guidance batched"
     teacher_t2f, engine_t2f, s1_steps, s1_guidance, s1_note = _stage1(args, dev)
     cfg = model.config
     ref = DEFAULT_REFERENCE if DEFAULT_REFERENCE.is_file() else (torch.rand(3, cfg.image_size, cfg.image_size) * 2 - 1)
-    return dict(dev=dev, dtype=dtype, teacher=teacher, engine=engine, t2f=teacher_t2f, engine_t2f=engine_t2f,
+    return dict(dev=dev, dtype=dtype, engine_dtype=engine_dtype, teacher=teacher, engine=engine, t2f=teacher_t2f, engine_t2f=engine_t2f,
                 steps=steps, guidance=guidance, stage1_steps=s1_steps, stage1_guidance=s1_guidance, reference=ref,
                 load_s=time.perf_counter() - t0,
                 note=note, engine_note=engine_note, stage1_note=s1_note, window=window, overlap=overlap)
@@ -386,8 +407,8 @@ def engine_stage_costs(engine, m: dict, args) -> dict:
         pipe.sampler.step(y, t_step, x, prev_t=p_step, noise=torch.zeros_like(x))
 
     out["unet"] = _timeit(unet, dev) / hop  # one call advances B windows a step: H new frames per call
-    lat = x[0, :, :hop].transpose(0, 1).reshape(hop * args.views, *x.shape[3:])
-    out["decode"] = _timeit(lambda: model.autoencoder.decode(lat), dev) / hop
+    lat = x[0, :, 0]  # the stream decodes one frame (all views) per call
+    out["decode"] = _timeit(lambda: model.autoencoder.decode(lat), dev)
     return out
 
 
@@ -432,7 +453,8 @@ def _measure(args, which: str) -> dict:
     result = run_naive(args, m) if which == "naive" else run_engine(args, m)
     result.update(load_s=m["load_s"], model=m["note"], engine_model=m["engine_note"], stage1=m["stage1_note"],
                   window=m["window"], overlap=m["overlap"], image_size=m["teacher"].config.image_size,
-                  fps_model=m["teacher"].fps, dtype=str(m["dtype"]).replace("torch.", ""))
+                  fps_model=m["teacher"].fps,
+                  dtype=str(m["dtype" if which == "naive" else "engine_dtype"]).replace("torch.", ""))
     return result
 
 
@@ -472,7 +494,8 @@ def make_rows(args, dev, res: dict) -> list[dict]:
     name = f"e2e_{args.preset}"
     for which, r in res.items():
         backend = "naive (torch eager)" if which == "naive" else f"engine ({args.backend})"
-        cfg = dict(base, pipeline=which, steps=r["steps"], stage1_steps=r["stage1_steps"], guidance=r["guidance"])
+        cfg = dict(base, pipeline=which, steps=r["steps"], stage1_steps=r["stage1_steps"], guidance=r["guidance"],
+                   dtype=r["dtype"])
         if which == "engine":
             cfg.update(engine_model=r["engine_model"], stage1_model=r["stage1"], stream_batch=r["stream_batch"],
                        mean_batch=round(r["mean_batch"], 2))

@@ -43,6 +43,9 @@ def add_e2e_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="auto",
                    help="auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16")
+    p.add_argument("--engine-dtype", default="auto",
+                   help="the engine's stage-2 precision: auto (bfloat16 on CPUs with oneDNN bfloat16 support, "
+                        "else --dtype), float32, float16, bfloat16; the naive pipeline always uses --dtype")
     p.add_argument("--text-model", help="stage-1 text encoder: minilm, hashing or a local model folder")
     p.add_argument("--prompt", default="nods slowly, then smiles happily")
     p.add_argument("--seed", type=int, default=0)
@@ -70,8 +73,10 @@ def check_e2e_args(args) -> None:
         raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {args.preset!r}")
     if args.sampler not in SAMPLERS:
         raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
-    if args.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    for name in ("dtype", "engine_dtype"):
+        if getattr(args, name) not in DTYPES:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(DTYPES)}, "
+                             f"got {getattr(args, name)!r}")
     if args.only not in PIPELINES:
         raise ValueError(f"--only must be one of {', '.join(PIPELINES)}, got {args.only!r}")
     if args.backend not in BACKENDS:

@@ -34,6 +34,9 @@ def test_bench_e2e_micro_writes_rows_and_profile(tmp_path, capsys):
     assert by[("naive", "first_frame")]["config"]["steps"] == 2
     eng = by[("engine", "fps")]["config"]
     assert eng["steps"] == 1 and eng["guidance"] == 1.0 and "consistency" in eng["engine_model"]
+    bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert eng["dtype"] == ("bfloat16" if bf16 else "float32")  # --engine-dtype auto: the fast CPU setting
+    assert by[("naive", "fps")]["config"]["dtype"] == "float32"
     assert eng["target_fps"] == 24.0 and eng["vs_target"] == pytest.approx(by[("engine", "fps")]["p50"] / 24, rel=1e-3)
     speed = by[("engine/naive", "speedup_fps")]
     assert speed["p50"] == pytest.approx(by[("engine", "fps")]["p50"] / by[("naive", "fps")]["p50"])
@@ -70,6 +73,7 @@ def test_bench_e2e_isolated_engine_only(tmp_path):
     (["--views", "0"], "--views"),
     (["--frames", "0"], "--frames"),
     (["--backend", "fast"], "--backend"),
+    (["--engine-dtype", "float8"], "--engine-dtype"),
     (["--only", "both-ish"], "--only"),
     (["--sampler", "euler"], "--sampler"),
     (["--size", "100"], "--size"),
