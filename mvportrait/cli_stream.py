@@ -113,6 +113,9 @@ def cmd_stream(args) -> int:
             stats = frames.stats
             for frame in frames:
                 grid = make_grid(frame.views[None])[0]
+                if raw is not None and frame.index == 0:  # what a raw-video reader needs to know
+                    print(f"raw frames: rgb24, video_size {grid.shape[1]}x{grid.shape[0]}, {fps:g} fps",
+                          file=sys.stderr)
                 if out is not None:
                     grids.append(grid)
                 if raw is not None:
@@ -179,6 +182,8 @@ def register(sub) -> None:
     s.add_argument("--dtype", default="float32", help=DTYPE_HELP)
     s.add_argument("--threads", type=int, help="torch CPU threads")
     s.add_argument("--out", default="stream.mp4", help="multi-view grid video written at the end ('' for none)")
-    s.add_argument("--raw", help="also write every grid frame as raw RGB24 bytes, as it comes, to a file or - (stdout)")
+    s.add_argument("--raw", "--show", dest="raw", metavar="FILE",
+                   help="also write every grid frame as raw RGB24 bytes, as it comes, to a file or - (stdout), e.g. "
+                        "`--show - | ffplay -f rawvideo -pixel_format rgb24 -video_size WxH -`")
     s.add_argument("--quiet", action="store_true", help="no live status line")
     s.set_defaults(func=cmd_stream)

@@ -391,6 +391,7 @@ def test_cli_stream_writes_video_and_reports(stage2_micro_run, tmp_path, capsys)
     assert raw.stat().st_size == 10 * 32 * 66 * 3
     err = capsys.readouterr().err
     assert "10 frames" in err and "fps delivered" in err and "latency p50" in err and "dropped 0" in err
+    assert "video_size 66x32" in err  # what a raw reader needs (--raw / --show)
     assert main(["stream", "--prompt", "nods", "--flame", str(seq), "--out", str(video)]) == 2
     assert main(["stream", "--flame", str(seq), "--policy", "newest", "--out", str(video)]) == 2
     assert "--policy" in capsys.readouterr().err
@@ -413,7 +414,7 @@ def test_cli_stream_backend_and_dtype(stage2_micro_run, tmp_path):
     for backend, dtype in (("torch", "float32"), ("compile", "float32"), ("torch", "bfloat16")):
         raws[backend, dtype] = tmp_path / f"{backend}_{dtype}.rgb"
         argv = ["stream", "--flame", str(seq), "--weights", str(out / "final"), "--overlap", "1", "--views",
-                "ring-2", "--steps", "2", "--out", "", "--raw", str(raws[backend, dtype]), "--no-realtime",
+                "ring-2", "--steps", "2", "--out", "", "--show", str(raws[backend, dtype]), "--no-realtime",
                 "--threads", "1", "--backend", backend, "--dtype", dtype, "--quiet"]
         assert main(argv) == 0
     a, b, c = (np.frombuffer(r.read_bytes(), np.uint8).astype(int) for r in raws.values())
