@@ -46,11 +46,11 @@ def _poisoned(n, h, w, dtype):
             torch.full((n, h, w), float("nan"), dtype=dtype), torch.ones((n, h, w), dtype=torch.bool))
 
 
-def _cpp(pix, faces, h, w, *, cull=True, near=1e-4, threads=0, block_rows=0, simd=True) -> Fragments:
+def _cpp(pix, faces, h, w, *, cull=True, near=1e-4, threads=0, block_rows=0, simd=True, avx=True) -> Fragments:
     """The extension called directly on poisoned output buffers."""
     tri_id, bary, depth, mask = _poisoned(pix.shape[0], h, w, pix.dtype)
     cpu._ext.rasterize(pix.contiguous().numpy(), faces.contiguous().numpy(), h, w, cull, near, tri_id.numpy(),
-                       bary.numpy(), depth.numpy(), mask.numpy(), threads, block_rows, simd)
+                       bary.numpy(), depth.numpy(), mask.numpy(), threads, block_rows, simd, avx)
     return Fragments(tri_id, bary, depth, mask)
 
 
@@ -126,9 +126,9 @@ def test_matches_reference_on_random_scenes(gen, hw, n, cull):
     for dtype in (torch.float32, torch.float64):
         verts, faces = _scene(gen, n, h, w, dtype=dtype)
         ref = rasterize_ref(verts, faces, h, w, cull_backfaces=cull)
-        for simd in (True, False):
-            out = _cpp(verts, faces, h, w, cull=cull, simd=simd)
-            _assert_same(out, ref, f"(seed {gen.initial_seed()}, {dtype}, simd={simd})")
+        for simd, avx in ((True, True), (True, False), (False, False)):
+            out = _cpp(verts, faces, h, w, cull=cull, simd=simd, avx=avx)
+            _assert_same(out, ref, f"(seed {gen.initial_seed()}, {dtype}, simd={simd}, avx={avx})")
         assert ref.mask.any() or h * w == 1
 
 
@@ -177,10 +177,80 @@ def test_thread_counts_block_sizes_and_simd_agree(gen):
     h, w = 61, 47
     verts, faces = _scene(gen, 3, h, w, n_tri=80)
     base = _cpp(verts, faces, h, w, threads=1)
-    for threads, block_rows, simd in ((2, 0, True), (3, 5, True), (2, 1, False), (1, 1000, True), (7, 16, False)):
-        out = _cpp(verts, faces, h, w, threads=threads, block_rows=block_rows, simd=simd)
+    for threads, block_rows, simd, avx in ((2, 0, True, True), (3, 5, True, True), (2, 1, False, True),
+                                           (1, 1000, True, True), (7, 16, False, True), (2, 3, True, False),
+                                           (1, 7, True, False)):
+        out = _cpp(verts, faces, h, w, threads=threads, block_rows=block_rows, simd=simd, avx=avx)
         for name in ("tri_id", "bary", "depth", "mask"):
-            assert torch.equal(getattr(out, name), getattr(base, name)), (threads, block_rows, simd, name)
+            assert torch.equal(getattr(out, name), getattr(base, name)), (threads, block_rows, simd, avx, name)
+
+
+def _fine_grid(n, h, w, step, gen, jitter=0.3):
+    """A jittered grid mesh of small triangles (cells ``step`` pixels wide) over the image: boxes of
+    every width around the small-triangle path's limits (8 columns, 32 pixels), thousands of
+    fragments per block (fragment-queue flushes), vertices on pixel centres for the edge rule."""
+    ny, nx = int(h / step) + 3, int(w / step) + 3  # reaches past the image on every side
+    gy, gx = torch.meshgrid(torch.arange(ny, dtype=F64) * step - step / 2,
+                            torch.arange(nx, dtype=F64) * step - step / 2, indexing="ij")
+    uv = torch.stack([gx, gy], -1).reshape(1, -1, 2).expand(n, -1, -1)
+    uv = uv + (torch.rand(n, ny * nx, 2, generator=gen, dtype=F64) - 0.5) * jitter * step
+    snap = torch.rand(n, ny * nx, 1, generator=gen) < 0.3
+    uv = torch.where(snap, torch.floor(uv) + 0.5, uv)  # some vertices exactly on pixel centres
+    z = 1.0 + torch.rand(n, ny * nx, 1, generator=gen, dtype=F64)
+    f = []
+    for r in range(ny - 1):
+        for c in range(nx - 1):
+            a, b, cc, d = r * nx + c, r * nx + c + 1, (r + 1) * nx + c + 1, (r + 1) * nx + c
+            f += [[a, d, cc], [a, cc, b]]  # 2A < 0 (y-down image): front faces
+    faces = torch.tensor(f)
+    return torch.cat([uv, z], -1).contiguous(), torch.cat([faces, faces[:: 7]])  # + duplicates: depth ties
+
+
+@needs_ext
+@pytest.mark.parametrize("step", [1.3, 2.5, 4.0, 6.5, 9.0])
+def test_small_triangle_paths_and_queue_flushes(gen, step):
+    """Grids of small triangles (box widths 1..~12 columns, around the AVX2 path's limits) on odd
+    image sizes, several views, small and default row blocks: every path agrees with the reference
+    and with the others exactly."""
+    h, w = 45, 71
+    verts, faces = _fine_grid(5, h, w, step, gen)
+    for dtype in (torch.float32, F64):
+        v = verts.to(dtype)
+        for cull in (True, False):
+            ref = rasterize_ref(v, faces, h, w, cull_backfaces=cull)
+            assert ref.mask.float().mean() > 0.9
+            base = None
+            for threads, block_rows, simd, avx in ((0, 0, True, True), (1, 3, True, True), (2, 7, True, False),
+                                                   (1, 0, False, False)):
+                out = _cpp(v, faces, h, w, cull=cull, threads=threads, block_rows=block_rows, simd=simd, avx=avx)
+                _assert_same(out, ref, f"(step {step}, {dtype}, cull {cull}, {threads}, {block_rows}, {simd}, {avx})")
+                if base is None:
+                    base = out
+                for name in ("tri_id", "bary", "depth", "mask"):
+                    assert torch.equal(getattr(out, name), getattr(base, name)), (step, threads, block_rows, simd, name)
+
+
+@needs_ext
+def test_many_views_all_culled_and_off_screen(gen):
+    h, w = 19, 33
+    verts, faces = _fine_grid(11, h, w, 3.0, gen)  # 11 views
+    _assert_same(_cpp(verts, faces, h, w, threads=3), rasterize_ref(verts, faces, h, w))
+    empty = torch.zeros(0, 3, dtype=torch.int64)
+    for v, f, cull in ((verts, faces[:, [0, 2, 1]], True),  # every face a back face
+                       (verts + torch.tensor([5.0 * w, 0.0, 0.0], dtype=F64), faces, False),  # all off-screen
+                       (verts * torch.tensor([1.0, 1.0, -1.0], dtype=F64), faces, False),  # all behind the camera
+                       (verts, empty, True)):
+        for simd, avx in ((True, True), (True, False), (False, False)):
+            out = _cpp(v, f, h, w, cull=cull, simd=simd, avx=avx)
+            assert (out.tri_id == -1).all() and not out.mask.any(), (cull, simd, avx)
+            assert (out.depth == 0).all() and (out.bary == 0).all()
+
+
+def test_extension_reports_its_vector_paths():
+    if not cpu.available():
+        pytest.skip("extension not built")
+    assert isinstance(cpu._ext.has_avx, bool) and isinstance(cpu._ext.has_avx2, bool)
+    assert not cpu._ext.has_avx2 or cpu._ext.has_avx
 
 
 @needs_ext

@@ -58,12 +58,15 @@ def hardware_threads() -> int:
 
 
 def rasterize(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, width: int, *, cull_backfaces: bool = True,
-              near: float = 1e-4, num_threads: int | None = None, block_rows: int | None = None, simd: bool = True):
+              near: float = 1e-4, num_threads: int | None = None, block_rows: int | None = None, simd: bool = True,
+              avx: bool = True):
     """C++ rasterizer: same arguments and :class:`~mvportrait.kernels.rasterize.Fragments` as
     ``rasterize_ref``. ``verts_pix`` CPU float32/float64 (other float dtypes run in float32 and
     are cast back), ``faces`` int64 in range. ``num_threads``: std::threads (default: hardware
     concurrency); ``block_rows``: image rows per task (default 32); ``simd=False``: the scalar row
-    loop instead of the SSE2 one (same results; for tests)."""
+    loop instead of the SSE2 one; ``avx=False``: no AVX / AVX2 paths even where the CPU has them
+    (they are picked at run time; see ``has_avx`` / ``has_avx2`` of the extension). Every
+    combination gives the same results; the switches are for tests."""
     from mvportrait.kernels.rasterize import Fragments  # noqa: PLC0415 -- avoid an import cycle
 
     ext = _require()
@@ -77,7 +80,8 @@ def rasterize(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, width: 
     depth = torch.empty((n, height, width), dtype=work.dtype)
     mask = torch.empty((n, height, width), dtype=torch.bool)
     ext.rasterize(work.numpy(), faces.numpy(), height, width, bool(cull_backfaces), float(near), tri_id.numpy(),
-                  bary.numpy(), depth.numpy(), mask.numpy(), int(num_threads or 0), int(block_rows or 0), bool(simd))
+                  bary.numpy(), depth.numpy(), mask.numpy(), int(num_threads or 0), int(block_rows or 0), bool(simd),
+                  bool(avx))
     if dtype != work.dtype:
         bary, depth = bary.to(dtype), depth.to(dtype)
     return Fragments(tri_id=tri_id, bary=bary, depth=depth, mask=mask)

@@ -11,21 +11,31 @@
 //   0. vertex  tasks (view): u, v, z as float64 and 1 / z per vertex;
 //   1. setup   tasks (view, chunk of faces): per kept triangle its edge coefficients and bbox;
 //   2. binning tasks (view): ids of kept triangles per block of rows, ascending face id;
-//   3. raster  tasks (view, block of rows): a private z-buffer for the block; triangles in
-//      ascending face id, strict depth test => exact depth ties keep the lowest face id; then
-//      the block's rows of every output are written (empty pixels too: -1 / 0 / false).
+//   3. raster  tasks (view, block of rows): a private z-buffer for the block (face id and the
+//      perspective weights q0, q1, q2, qs per pixel, depth = 1 / qs); triangles in ascending face
+//      id. Coverage loops append the covered (pixel, face, edge values) to a fragment queue; a
+//      flush computes the weights of the queued fragments with full vectors (the divider is the
+//      bottleneck, so only covered pixels use it) and runs the depth tests in queue order,
+//      strict => exact depth ties keep the lowest face id. Then the block's rows of every output
+//      are written (bary = q / qs, depth = 1 / qs; empty pixels -1 / 0 / false).
 // Tasks are handed out through an atomic counter to a process-wide pool of std::threads (the
 // calling thread works too); the GIL is released meanwhile.
-// The row loop evaluates two pixel centres per step with SSE2 (x86-64 baseline, lane by lane
-// the same IEEE operations as the scalar loop, which other architectures use).
+// Coverage: small triangles (box <= 8 columns, <= 32 pixels in the block) take every box pixel
+// as a lane, four per step (AVX2, compacting the covered lanes with a permute); the others run
+// a row loop of two pixel centres per step (SSE2, the column terms computed once per triangle).
+// Every vector path does lane by lane the same IEEE operations as the scalar loop (which other
+// architectures use, and simd=False). The AVX / AVX2 code is compiled with function target
+// attributes and chosen at run time (__builtin_cpu_supports), so the build needs no -march.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <limits>
@@ -42,6 +52,16 @@
 #define MVP_HAVE_SSE2 1
 #else
 #define MVP_HAVE_SSE2 0
+#endif
+// 256-bit AVX code paths, compiled for AVX by a function attribute and picked at run time
+// (__builtin_cpu_supports), so the default build stays portable (no -march).
+#if MVP_HAVE_SSE2 && (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define MVP_HAVE_AVX 1
+#define MVP_AVX __attribute__((target("avx")))
+#define MVP_AVX2 __attribute__((target("avx2,popcnt")))
+#else
+#define MVP_HAVE_AVX 0
 #endif
 
 namespace py = pybind11;
@@ -60,6 +80,9 @@ struct Tri {
 // not scheduled in time (a busy machine) simply misses the job, so an oversubscribed machine
 // costs at most the tasks already claimed, never a wait for a thread to start. The pool is
 // leaked on purpose (no join at interpreter exit) and rebuilt in a forked child.
+// A worker that finished a job spins for a short while (kSpinUs) before it sleeps, and the
+// caller spins briefly for the workers still on their last task: a rasterize call is a few
+// jobs in a row, and a futex wake-up per job would cost more than the shorter jobs themselves.
 class Pool {
  public:
   static Pool& get() {
@@ -88,10 +111,15 @@ class Pool {
       seats_ = nthreads - 1;
       ++generation_;
     }
+    published_.store(generation_, std::memory_order_release);
     wake_.notify_all();
     work(body, ntasks);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      open_ = false;  // every task is claimed: latecomers stay out
+    }
+    spin_until([this] { return busy_.load(std::memory_order_acquire) == 0; });
     std::unique_lock<std::mutex> lock(mutex_);
-    open_ = false;  // every task is claimed: latecomers stay out
     done_.wait(lock, [this] { return participants_ == 0; });
     body_ = nullptr;
     if (error_) std::rethrow_exception(error_);
@@ -102,6 +130,22 @@ class Pool {
 #ifndef _WIN32
     pid_ = getpid();
 #endif
+  }
+
+  static constexpr int kSpinUs = 100;
+
+  // Busy-wait until done() or about kSpinUs microseconds have passed; true if done.
+  template <typename Done>
+  static bool spin_until(Done done) {
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0;; ++i) {
+      if (done()) return true;
+#if MVP_HAVE_SSE2
+      _mm_pause();
+#endif
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(kSpinUs))
+        return done();
+    }
   }
 
   void ensure_workers(int n) {
@@ -126,16 +170,23 @@ class Pool {
     uint64_t seen = 0;
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
+      if (generation_ == seen) {  // no new job yet: spin a little before sleeping
+        lock.unlock();
+        spin_until([&] { return published_.load(std::memory_order_acquire) != seen; });
+        lock.lock();
+      }
       wake_.wait(lock, [&] { return generation_ != seen; });
       seen = generation_;
       if (!open_ || seats_ <= 0) continue;
       --seats_;
       ++participants_;
+      busy_.fetch_add(1, std::memory_order_relaxed);
       const std::function<void(int64_t)>* body = body_;
       const int64_t ntasks = ntasks_;
       lock.unlock();
       work(*body, ntasks);
       lock.lock();
+      busy_.fetch_sub(1, std::memory_order_release);
       if (--participants_ == 0) done_.notify_all();
     }
   }
@@ -150,6 +201,8 @@ class Pool {
   int seats_ = 0, participants_ = 0;
   unsigned workers_ = 0;
   uint64_t generation_ = 0;
+  std::atomic<uint64_t> published_{0};  // generation_, readable without the lock (spinning workers)
+  std::atomic<int> busy_{0};            // participants_, readable without the lock (spinning caller)
 #ifndef _WIN32
   pid_t pid_ = 0;
 #endif
@@ -304,8 +357,65 @@ void raster_rows_scalar(const Tri& t, double f, int64_t ra, int64_t rb, int64_t 
 }
 
 #if MVP_HAVE_SSE2
-inline __m128d blend(__m128d m, __m128d a, __m128d b) {  // m ? a : b, lane by lane
-  return _mm_or_pd(_mm_and_pd(m, a), _mm_andnot_pd(m, b));
+// Fragments (covered pixel, triangle) of one block waiting for their perspective weights, in
+// the order they were produced (ascending face id, so the in-order depth tests below keep the
+// reference's tie rule). The weights of a batch are computed with full vectors (AVX when the
+// CPU has it), which keeps the divider -- the bottleneck -- busy with covered pixels only.
+struct FragQueue {
+  static constexpr int kCap = 512;
+  // block pixel index and face id as doubles (exact integers below 2^53): one permute compacts
+  // every field alike in the AVX2 path
+  alignas(32) double e0[kCap + 8], e1[kCap + 8], e2[kCap + 8], iz0[kCap + 8], iz1[kCap + 8], iz2[kCap + 8],
+      qs[kCap + 8], pix[kCap + 8], face[kCap + 8];
+  int n = 0;
+};
+
+// q_i = (e_i / s) * iz_i in place of e_i and qs = (q0 + q1) + q2 for fragments [0, n) (and a few
+// stale ones past n, harmless): persp_weights() lane by lane.
+void frag_weights_sse2(FragQueue& fq) {
+  const __m128d tiny = _mm_set1_pd(std::numeric_limits<double>::min());
+  for (int k = 0; k < fq.n; k += 2) {
+    const __m128d e0 = _mm_load_pd(fq.e0 + k), e1 = _mm_load_pd(fq.e1 + k), e2 = _mm_load_pd(fq.e2 + k);
+    const __m128d s = _mm_max_pd(_mm_add_pd(_mm_add_pd(e0, e1), e2), tiny);
+    const __m128d w0 = _mm_mul_pd(_mm_div_pd(e0, s), _mm_load_pd(fq.iz0 + k));
+    const __m128d w1 = _mm_mul_pd(_mm_div_pd(e1, s), _mm_load_pd(fq.iz1 + k));
+    const __m128d w2 = _mm_mul_pd(_mm_div_pd(e2, s), _mm_load_pd(fq.iz2 + k));
+    _mm_store_pd(fq.e0 + k, w0);
+    _mm_store_pd(fq.e1 + k, w1);
+    _mm_store_pd(fq.e2 + k, w2);
+    _mm_store_pd(fq.qs + k, _mm_add_pd(_mm_add_pd(w0, w1), w2));
+  }
+}
+
+#if MVP_HAVE_AVX
+MVP_AVX void frag_weights_avx(FragQueue& fq) {
+  const __m256d tiny = _mm256_set1_pd(std::numeric_limits<double>::min());
+  for (int k = 0; k < fq.n; k += 4) {
+    const __m256d e0 = _mm256_load_pd(fq.e0 + k), e1 = _mm256_load_pd(fq.e1 + k), e2 = _mm256_load_pd(fq.e2 + k);
+    const __m256d s = _mm256_max_pd(_mm256_add_pd(_mm256_add_pd(e0, e1), e2), tiny);
+    const __m256d w0 = _mm256_mul_pd(_mm256_div_pd(e0, s), _mm256_load_pd(fq.iz0 + k));
+    const __m256d w1 = _mm256_mul_pd(_mm256_div_pd(e1, s), _mm256_load_pd(fq.iz1 + k));
+    const __m256d w2 = _mm256_mul_pd(_mm256_div_pd(e2, s), _mm256_load_pd(fq.iz2 + k));
+    _mm256_store_pd(fq.e0 + k, w0);
+    _mm256_store_pd(fq.e1 + k, w1);
+    _mm256_store_pd(fq.e2 + k, w2);
+    _mm256_store_pd(fq.qs + k, _mm256_add_pd(_mm256_add_pd(w0, w1), w2));
+  }
+}
+#endif
+
+// Weights of the queued fragments, then their depth tests in queue order; empties the queue.
+inline void flush(FragQueue& fq, Block& zb, bool avx) {
+#if MVP_HAVE_AVX
+  if (avx)
+    frag_weights_avx(fq);
+  else
+#endif
+    frag_weights_sse2(fq);
+  (void)avx;
+  for (int k = 0; k < fq.n; ++k)
+    depth_test(zb, static_cast<int64_t>(fq.pix[k]), fq.face[k], fq.e0[k], fq.e1[k], fq.e2[k], fq.qs[k]);
+  fq.n = 0;
 }
 
 // Inside test of one edge, the top-left rule resolved at compile time: e > 0, or e >= 0 for an
@@ -315,15 +425,20 @@ inline __m128d edge_in(__m128d e, __m128d zero) {
   return OWN ? _mm_cmpge_pd(e, zero) : _mm_cmpgt_pd(e, zero);
 }
 
-// Same as raster_rows_scalar, two pixel centres (columns c, c + 1) per step. The column terms
-// of the bounding box are computed once per triangle (ct, 3 per step), so a step costs three
-// subtractions and three compares; pixels that pass go through the perspective weights and a
-// branch-free depth test (blends), except for the rare occupied pixel where the new fragment is
-// nearer (two divisions, as in depth_test). OWN: the owner bits (edge i owns bit i).
-template <unsigned OWN>
-void raster_rows_sse2(const Tri& t, double f, int64_t ra, int64_t rb, int64_t row0, Block& zb, __m128d* ct) {
+// Same coverage as raster_rows_scalar, two pixel centres (columns c, c + 1) per step. The column
+// terms of the bounding box are computed once per triangle (ct, 3 per step), so a step costs
+// three subtractions and three compares; covered pixels go to the fragment queue (flushed when
+// full). OWN: the owner bits (edge i owns bit i).
+//
+// NS > 0: the box is exactly NS steps wide (the common small triangle): every step of a row is
+// evaluated with no early exit and the lanes are appended without branches (a lane that is not
+// covered is written and then overwritten), which spares the row loop its mispredicted branches.
+// NS = 0: any width; a row stops after its covered run.
+template <unsigned OWN, int NS>
+void raster_rows_sse2(const Tri& t, int32_t f, int64_t ra, int64_t rb, int64_t row0, Block& zb, __m128d* ct,
+                      FragQueue& fq, bool avx) {
   const int64_t c0 = t.c0, c1 = t.c1;
-  const int64_t nsteps = (c1 - c0 + 2) >> 1;
+  const int64_t nsteps = NS > 0 ? NS : (c1 - c0 + 2) >> 1;
   {
     const __m128d ax0 = _mm_set1_pd(t.ax[0]), ax1 = _mm_set1_pd(t.ax[1]), ax2 = _mm_set1_pd(t.ax[2]);
     const __m128d sy0 = _mm_set1_pd(t.sdy[0]), sy1 = _mm_set1_pd(t.sdy[1]), sy2 = _mm_set1_pd(t.sdy[2]);
@@ -336,66 +451,268 @@ void raster_rows_sse2(const Tri& t, double f, int64_t ra, int64_t rb, int64_t ro
       px = _mm_add_pd(px, two);  // integers + 0.5 below 2^52: exact
     }
   }
-  const __m128d iz0 = _mm_set1_pd(t.inv_z[0]), iz1 = _mm_set1_pd(t.inv_z[1]), iz2 = _mm_set1_pd(t.inv_z[2]);
-  const __m128d zero = _mm_setzero_pd(), one = _mm_set1_pd(1.0), fid = _mm_set1_pd(f);
-  const __m128d tiny = _mm_set1_pd(std::numeric_limits<double>::min());
-  const __m128d all = _mm_castsi128_pd(_mm_set1_epi32(-1));
-  // the high lane of the last step lies past the box when its width is odd
-  const __m128d last = ((c1 - c0) & 1) ? all : _mm_castsi128_pd(_mm_set_epi32(0, 0, -1, -1));
-  const int lastbits = ((c1 - c0) & 1) ? 3 : 1;
+  const __m128d zero = _mm_setzero_pd();
+  const double iz0 = t.inv_z[0], iz1 = t.inv_z[1], iz2 = t.inv_z[2];
+  const int lastbits = ((c1 - c0) & 1) ? 3 : 1;  // the high lane of the last step may lie past the box
   const double sx0 = t.sdx[0], sx1 = t.sdx[1], sx2 = t.sdx[2], ay0 = t.ay[0], ay1 = t.ay[1], ay2 = t.ay[2];
   for (int64_t r = ra; r <= rb; ++r) {
     const double py = static_cast<double>(r) + 0.5;
     const __m128d rt0 = _mm_set1_pd(sx0 * (py - ay0)), rt1 = _mm_set1_pd(sx1 * (py - ay1)),
                   rt2 = _mm_set1_pd(sx2 * (py - ay2));
     const int64_t line = (r - row0) * zb.stride + c0;
+    if (NS > 0) {
+      if (fq.n > FragQueue::kCap - 2 * NS) flush(fq, zb, avx);
+      int n = fq.n;
+      for (int k = 0; k < NS; ++k) {
+        const __m128d e0 = _mm_sub_pd(rt0, ct[3 * k]);
+        const __m128d e1 = _mm_sub_pd(rt1, ct[3 * k + 1]);
+        const __m128d e2 = _mm_sub_pd(rt2, ct[3 * k + 2]);
+        const __m128d in = _mm_and_pd(
+            _mm_and_pd(edge_in<(OWN & 1u) != 0>(e0, zero), edge_in<(OWN & 2u) != 0>(e1, zero)),
+            edge_in<(OWN & 4u) != 0>(e2, zero));
+        int bits = _mm_movemask_pd(in);
+        if (k == NS - 1) bits &= lastbits;
+        const int64_t p = line + 2 * k;
+        _mm_storel_pd(fq.e0 + n, e0);
+        _mm_storel_pd(fq.e1 + n, e1);
+        _mm_storel_pd(fq.e2 + n, e2);
+        fq.iz0[n] = iz0;
+        fq.iz1[n] = iz1;
+        fq.iz2[n] = iz2;
+        fq.pix[n] = static_cast<double>(p);
+        fq.face[n] = f;
+        n += bits & 1;
+        _mm_storeh_pd(fq.e0 + n, e0);
+        _mm_storeh_pd(fq.e1 + n, e1);
+        _mm_storeh_pd(fq.e2 + n, e2);
+        fq.iz0[n] = iz0;
+        fq.iz1[n] = iz1;
+        fq.iz2[n] = iz2;
+        fq.pix[n] = static_cast<double>(p + 1);
+        fq.face[n] = f;
+        n += bits >> 1;
+      }
+      fq.n = n;
+      continue;
+    }
     bool entered = false;
     for (int64_t k = 0; k < nsteps; ++k) {
       const __m128d e0 = _mm_sub_pd(rt0, ct[3 * k]);
       const __m128d e1 = _mm_sub_pd(rt1, ct[3 * k + 1]);
       const __m128d e2 = _mm_sub_pd(rt2, ct[3 * k + 2]);
-      __m128d in = _mm_and_pd(_mm_and_pd(edge_in<(OWN & 1u) != 0>(e0, zero), edge_in<(OWN & 2u) != 0>(e1, zero)),
-                              edge_in<(OWN & 4u) != 0>(e2, zero));
+      const __m128d in = _mm_and_pd(
+          _mm_and_pd(edge_in<(OWN & 1u) != 0>(e0, zero), edge_in<(OWN & 2u) != 0>(e1, zero)),
+          edge_in<(OWN & 4u) != 0>(e2, zero));
       int bits = _mm_movemask_pd(in);
-      if (k == nsteps - 1) {
-        in = _mm_and_pd(in, last);
-        bits &= lastbits;
-      }
+      if (k == nsteps - 1) bits &= lastbits;
       if (!bits) {
         if (entered) break;  // the covered columns of a row are contiguous (see the scalar loop)
         continue;
       }
       entered = true;
-      // persp_weights() for both lanes
-      const __m128d s = _mm_max_pd(_mm_add_pd(_mm_add_pd(e0, e1), e2), tiny);
-      const __m128d w0 = _mm_mul_pd(_mm_div_pd(e0, s), iz0), w1 = _mm_mul_pd(_mm_div_pd(e1, s), iz1),
-                    w2 = _mm_mul_pd(_mm_div_pd(e2, s), iz2);
-      const __m128d qs = _mm_add_pd(_mm_add_pd(w0, w1), w2);
+      // append the covered lanes (branch-free: write both, advance by the lane's bit)
       const int64_t p = line + 2 * k;
-      const __m128d cur = _mm_loadu_pd(zb.qs + p);
-      const __m128d empty = _mm_cmplt_pd(cur, zero);
-      // win: empty, or qs > cur and 1 / qs < 1 / cur (divisions only for occupied pixels)
-      __m128d win = _mm_and_pd(in, _mm_or_pd(empty, _mm_cmpgt_pd(qs, cur)));
-      const __m128d occ = _mm_andnot_pd(empty, win);
-      if (_mm_movemask_pd(occ)) {
-        const __m128d nearer = _mm_cmplt_pd(_mm_div_pd(one, qs), _mm_div_pd(one, cur));
-        win = _mm_andnot_pd(_mm_andnot_pd(nearer, occ), win);
-      }
-      if (!_mm_movemask_pd(win)) continue;
-      _mm_storeu_pd(zb.qs + p, blend(win, qs, cur));
-      _mm_storeu_pd(zb.q0 + p, blend(win, w0, _mm_loadu_pd(zb.q0 + p)));
-      _mm_storeu_pd(zb.q1 + p, blend(win, w1, _mm_loadu_pd(zb.q1 + p)));
-      _mm_storeu_pd(zb.q2 + p, blend(win, w2, _mm_loadu_pd(zb.q2 + p)));
-      _mm_storeu_pd(zb.id + p, blend(win, fid, _mm_loadu_pd(zb.id + p)));
+      int n = fq.n;
+      const int b0 = bits & 1, b1 = bits >> 1;
+      _mm_storel_pd(fq.e0 + n, e0);
+      _mm_storel_pd(fq.e1 + n, e1);
+      _mm_storel_pd(fq.e2 + n, e2);
+      fq.iz0[n] = iz0;
+      fq.iz1[n] = iz1;
+      fq.iz2[n] = iz2;
+      fq.pix[n] = static_cast<double>(p);
+      fq.face[n] = f;
+      n += b0;
+      _mm_storeh_pd(fq.e0 + n, e0);
+      _mm_storeh_pd(fq.e1 + n, e1);
+      _mm_storeh_pd(fq.e2 + n, e2);
+      fq.iz0[n] = iz0;
+      fq.iz1[n] = iz1;
+      fq.iz2[n] = iz2;
+      fq.pix[n] = static_cast<double>(p + 1);
+      fq.face[n] = f;
+      n += b1;
+      fq.n = n;
+      if (n >= FragQueue::kCap) flush(fq, zb, avx);
+      if (!b1) break;  // the high lane is past the covered run (or the box): row done
     }
   }
 }
 
-using RasterFn = void (*)(const Tri&, double, int64_t, int64_t, int64_t, Block&, __m128d*);
-constexpr RasterFn kRasterSse2[8] = {raster_rows_sse2<0>, raster_rows_sse2<1>, raster_rows_sse2<2>,
-                                     raster_rows_sse2<3>, raster_rows_sse2<4>, raster_rows_sse2<5>,
-                                     raster_rows_sse2<6>, raster_rows_sse2<7>};
+#if MVP_HAVE_AVX
+// Small triangles (box at most kTinyW columns wide, at most kTinyN pixels in the block): every
+// pixel of the box is a lane, four per step, rows and columns alike, so a triangle costs a few
+// steps with no row structure. Edge values per lane: sdx_i * (py - ay_i) - sdy_i * (px - ax_i), the
+// same correctly rounded operations as the row loops. Covered lanes are compacted into the
+// fragment queue with one permute per field (AVX2). The caller makes room for kTinyN fragments.
+constexpr int kTinyW = 8, kTinyN = 32;
+
+struct TinyTables {
+  alignas(32) double dx[kTinyW + 1][kTinyN], dy[kTinyW + 1][kTinyN];  // lane k of a box w wide: (k % w, k / w)
+  alignas(32) int32_t perm[16][8];  // 32-bit lane indices that move the set lanes of a 4-bit mask to the front
+  TinyTables() {
+    for (int w = 1; w <= kTinyW; ++w)
+      for (int k = 0; k < kTinyN; ++k) {
+        dx[w][k] = k % w;
+        dy[w][k] = k / w;
+      }
+    for (int b = 0; b < 16; ++b) {
+      int j = 0;
+      for (int l = 0; l < 4; ++l)
+        if (b >> l & 1) {
+          perm[b][2 * j] = 2 * l;
+          perm[b][2 * j + 1] = 2 * l + 1;
+          ++j;
+        }
+      for (; j < 4; ++j) perm[b][2 * j] = perm[b][2 * j + 1] = 0;
+    }
+  }
+};
+const TinyTables kTiny;
+
+template <bool OWN>
+MVP_AVX2 inline __m256d edge_in4(__m256d e, __m256d zero) {
+  return OWN ? _mm256_cmp_pd(e, zero, _CMP_GE_OQ) : _mm256_cmp_pd(e, zero, _CMP_GT_OQ);
+}
+
+template <unsigned OWN>
+MVP_AVX2 void raster_tiny_avx2(const Tri& t, int32_t f, int64_t ra, int64_t rb, int64_t row0, Block& zb,
+                               FragQueue& fq) {
+  const int w = t.c1 - t.c0 + 1;
+  const int m = w * static_cast<int>(rb - ra + 1);
+  const double* dxp = kTiny.dx[w];
+  const double* dyp = kTiny.dy[w];
+  const __m256d cx = _mm256_set1_pd(static_cast<double>(t.c0) + 0.5), cy = _mm256_set1_pd(static_cast<double>(ra) + 0.5);
+  const __m256d ax0 = _mm256_set1_pd(t.ax[0]), ax1 = _mm256_set1_pd(t.ax[1]), ax2 = _mm256_set1_pd(t.ax[2]);
+  const __m256d ay0 = _mm256_set1_pd(t.ay[0]), ay1 = _mm256_set1_pd(t.ay[1]), ay2 = _mm256_set1_pd(t.ay[2]);
+  const __m256d sx0 = _mm256_set1_pd(t.sdx[0]), sx1 = _mm256_set1_pd(t.sdx[1]), sx2 = _mm256_set1_pd(t.sdx[2]);
+  const __m256d sy0 = _mm256_set1_pd(t.sdy[0]), sy1 = _mm256_set1_pd(t.sdy[1]), sy2 = _mm256_set1_pd(t.sdy[2]);
+  const __m256d iz0 = _mm256_set1_pd(t.inv_z[0]), iz1 = _mm256_set1_pd(t.inv_z[1]), iz2 = _mm256_set1_pd(t.inv_z[2]);
+  const __m256d fid = _mm256_set1_pd(static_cast<double>(f)), zero = _mm256_setzero_pd();
+  const __m256d stride = _mm256_set1_pd(static_cast<double>(zb.stride));
+  // block pixel index of lane (dx, dy): base + dy * stride + dx, exact in doubles
+  const __m256d base = _mm256_set1_pd(static_cast<double>((ra - row0) * zb.stride + t.c0));
+  int n = fq.n;
+  for (int k = 0; k < m; k += 4) {
+    const __m256d dx = _mm256_load_pd(dxp + k), dy = _mm256_load_pd(dyp + k);
+    const __m256d px = _mm256_add_pd(cx, dx), py = _mm256_add_pd(cy, dy);  // integers + 0.5: exact
+    const __m256d e0 = _mm256_sub_pd(_mm256_mul_pd(sx0, _mm256_sub_pd(py, ay0)), _mm256_mul_pd(sy0, _mm256_sub_pd(px, ax0)));
+    const __m256d e1 = _mm256_sub_pd(_mm256_mul_pd(sx1, _mm256_sub_pd(py, ay1)), _mm256_mul_pd(sy1, _mm256_sub_pd(px, ax1)));
+    const __m256d e2 = _mm256_sub_pd(_mm256_mul_pd(sx2, _mm256_sub_pd(py, ay2)), _mm256_mul_pd(sy2, _mm256_sub_pd(px, ax2)));
+    const __m256d in = _mm256_and_pd(_mm256_and_pd(edge_in4<(OWN & 1u) != 0>(e0, zero), edge_in4<(OWN & 2u) != 0>(e1, zero)),
+                                     edge_in4<(OWN & 4u) != 0>(e2, zero));
+    int bits = _mm256_movemask_pd(in);
+    if (m - k < 4) bits &= (1 << (m - k)) - 1;  // lanes past the box
+    const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTiny.perm[bits]));
+    const __m256d pix = _mm256_add_pd(base, _mm256_add_pd(_mm256_mul_pd(dy, stride), dx));
+    _mm256_storeu_pd(fq.e0 + n, _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(e0), idx)));
+    _mm256_storeu_pd(fq.e1 + n, _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(e1), idx)));
+    _mm256_storeu_pd(fq.e2 + n, _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(e2), idx)));
+    _mm256_storeu_pd(fq.pix + n, _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(pix), idx)));
+    _mm256_storeu_pd(fq.iz0 + n, iz0);
+    _mm256_storeu_pd(fq.iz1 + n, iz1);
+    _mm256_storeu_pd(fq.iz2 + n, iz2);
+    _mm256_storeu_pd(fq.face + n, fid);
+    n += _mm_popcnt_u32(static_cast<unsigned>(bits));
+  }
+  fq.n = n;
+}
+
+using TinyFn = void (*)(const Tri&, int32_t, int64_t, int64_t, int64_t, Block&, FragQueue&);
+constexpr TinyFn kTinyAvx2[8] = {raster_tiny_avx2<0>, raster_tiny_avx2<1>, raster_tiny_avx2<2>, raster_tiny_avx2<3>,
+                                 raster_tiny_avx2<4>, raster_tiny_avx2<5>, raster_tiny_avx2<6>, raster_tiny_avx2<7>};
 #endif
+
+using RasterFn = void (*)(const Tri&, int32_t, int64_t, int64_t, int64_t, Block&, __m128d*, FragQueue&, bool);
+// [owner bits][box steps: 1..3 exactly, 0 any]
+#define MVP_ROW(o) {raster_rows_sse2<o, 0>, raster_rows_sse2<o, 1>, raster_rows_sse2<o, 2>, raster_rows_sse2<o, 3>}
+constexpr RasterFn kRasterSse2[8][4] = {MVP_ROW(0), MVP_ROW(1), MVP_ROW(2), MVP_ROW(3),
+                                        MVP_ROW(4), MVP_ROW(5), MVP_ROW(6), MVP_ROW(7)};
+#undef MVP_ROW
+#endif
+
+#if MVP_HAVE_AVX
+// Stores of four outputs of one pixel group: float32 (the renderer's case) fully in vectors,
+// other dtypes lane by lane.
+MVP_AVX inline void store4(float* o_bary, float* o_depth, __m256d b0, __m256d b1, __m256d b2, __m256d d) {
+  const __m128 f0 = _mm256_cvtpd_ps(b0), f1 = _mm256_cvtpd_ps(b1), f2 = _mm256_cvtpd_ps(b2);
+  _mm_storeu_ps(o_depth, _mm256_cvtpd_ps(d));
+  // interleave (a, b, c) = (b0, b1, b2) of pixels 0..3 into 12 floats
+  const __m128 t01 = _mm_unpacklo_ps(f0, f1);                          // a0 b0 a1 b1
+  const __m128 t23 = _mm_unpackhi_ps(f0, f1);                          // a2 b2 a3 b3
+  const __m128 x0 = _mm_shuffle_ps(t01, f2, _MM_SHUFFLE(0, 0, 1, 0));  // a0 b0 c0 c0
+  const __m128 x1 = _mm_shuffle_ps(t01, f2, _MM_SHUFFLE(1, 1, 3, 2));  // a1 b1 c1 c1
+  const __m128 x2 = _mm_shuffle_ps(t23, f2, _MM_SHUFFLE(2, 2, 1, 0));  // a2 b2 c2 c2
+  const __m128 x3 = _mm_shuffle_ps(t23, f2, _MM_SHUFFLE(3, 3, 3, 2));  // a3 b3 c3 c3
+  const __m128 r0 = _mm_blend_ps(x0, _mm_shuffle_ps(x1, x1, 0), 0x8);                  // a0 b0 c0 a1
+  const __m128 r1 = _mm_shuffle_ps(x1, x2, _MM_SHUFFLE(1, 0, 2, 1));                     // b1 c1 a2 b2
+  const __m128 r2 = _mm_blend_ps(_mm_shuffle_ps(x3, x3, _MM_SHUFFLE(2, 1, 0, 0)),
+                                 _mm_shuffle_ps(x2, x2, _MM_SHUFFLE(2, 2, 2, 2)), 0x1);  // c2 a3 b3 c3
+  _mm_storeu_ps(o_bary, r0);
+  _mm_storeu_ps(o_bary + 4, r1);
+  _mm_storeu_ps(o_bary + 8, r2);
+}
+MVP_AVX inline void store4(double* o_bary, double* o_depth, __m256d b0, __m256d b1, __m256d b2, __m256d d) {
+  alignas(32) double x0[4], x1[4], x2[4];
+  _mm256_store_pd(x0, b0);
+  _mm256_store_pd(x1, b1);
+  _mm256_store_pd(x2, b2);
+  _mm256_storeu_pd(o_depth, d);
+  for (int l = 0; l < 4; ++l) {
+    o_bary[3 * l] = x0[l];
+    o_bary[3 * l + 1] = x1[l];
+    o_bary[3 * l + 2] = x2[l];
+  }
+}
+
+// One row of the outputs from a block z-buffer row, four pixels per step: bary_i = q_i / qs,
+// depth = 1 / qs, zeros where empty. Returns the first column it did not write.
+template <typename T>
+MVP_AVX int64_t write_row_avx(const double* zid, const double* z0, const double* z1, const double* z2,
+                              const double* zs, int64_t width, int64_t* o_id, T* o_bary, T* o_depth,
+                              uint8_t* o_mask) {
+  const __m256d zero = _mm256_setzero_pd(), one = _mm256_set1_pd(1.0);
+  int64_t c = 0;
+  for (; c + 4 <= width; c += 4) {
+    const __m256d id = _mm256_loadu_pd(zid + c);
+    const __m256d cov = _mm256_cmp_pd(id, zero, _CMP_GE_OQ);
+    const int bits = _mm256_movemask_pd(cov);
+    // tri_id: doubles holding integers in [-1, 2^31) -> int32 -> int64
+    const __m128i i32 = _mm256_cvttpd_epi32(id);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o_id + c), _mm_cvtepi32_epi64(i32));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o_id + c + 2), _mm_cvtepi32_epi64(_mm_unpackhi_epi64(i32, i32)));
+    const uint32_t mbytes = (bits & 1) | ((bits & 2) << 7) | ((bits & 4) << 14) | ((bits & 8) << 21);
+    std::memcpy(o_mask + c, &mbytes, 4);
+    if (!bits) {
+      store4(o_bary + 3 * c, o_depth + c, zero, zero, zero, zero);
+      continue;
+    }
+    const __m256d qs = _mm256_loadu_pd(zs + c);
+    store4(o_bary + 3 * c, o_depth + c, _mm256_and_pd(cov, _mm256_div_pd(_mm256_loadu_pd(z0 + c), qs)),
+           _mm256_and_pd(cov, _mm256_div_pd(_mm256_loadu_pd(z1 + c), qs)),
+           _mm256_and_pd(cov, _mm256_div_pd(_mm256_loadu_pd(z2 + c), qs)), _mm256_and_pd(cov, _mm256_div_pd(one, qs)));
+  }
+  return c;
+}
+#endif
+
+bool cpu_has_avx2() {
+#if MVP_HAVE_AVX
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx() {
+#if MVP_HAVE_AVX
+  static const bool has = __builtin_cpu_supports("avx");
+  return has;
+#else
+  return false;
+#endif
+}
 
 // ------------------------------------------------------------------------------ argument checks
 std::string shape_str(const py::array& a) {
@@ -453,8 +770,11 @@ void check_dtype(const py::array& a, const char* name, const char* want) {
 template <typename T>
 void rasterize_impl(const T* verts, int64_t n, int64_t nv, const int64_t* faces, int64_t nf, int64_t height,
                     int64_t width, bool cull, double near, int64_t* tri_id, T* bary, T* depth, uint8_t* mask,
-                    int nthreads, int64_t block_rows, bool simd) {
+                    int nthreads, int64_t block_rows, bool simd, bool avx) {
   const int64_t hw = height * width;
+  avx = avx && simd && cpu_has_avx();
+  const bool avx2 = avx && cpu_has_avx2();
+  (void)avx2;  // unused without the AVX paths
   const int64_t bh = block_rows;
   const int64_t nblocks = (height + bh - 1) / bh;
 
@@ -508,13 +828,16 @@ void rasterize_impl(const T* verts, int64_t n, int64_t nv, const int64_t* faces,
   // 2. binning: per view, kept face ids per row block (ascending face id within a block)
   std::vector<std::vector<int64_t>> offsets(n);  // (nblocks + 1) per view
   std::vector<std::vector<int32_t>> bins(n);
+  std::vector<int32_t> block_of_row(static_cast<size_t>(height));  // row / bh without a division per face
+  for (int64_t r = 0; r < height; ++r) block_of_row[r] = static_cast<int32_t>(r / bh);
+  const int32_t* bor = block_of_row.data();
   parallel_for(nf ? n : 0, nthreads, [&](int64_t img) {
     const int32_t* rp = rows_p + 2 * img * nf;
     std::vector<int64_t>& off = offsets[img];
     off.assign(nblocks + 1, 0);
     for (int64_t f = 0; f < nf; ++f) {
       if (rp[2 * f] < 0) continue;
-      for (int64_t b = rp[2 * f] / bh, b1 = rp[2 * f + 1] / bh; b <= b1; ++b) ++off[b + 1];
+      for (int64_t b = bor[rp[2 * f]], b1 = bor[rp[2 * f + 1]]; b <= b1; ++b) ++off[b + 1];
     }
     for (int64_t b = 0; b < nblocks; ++b) off[b + 1] += off[b];
     std::vector<int64_t> fill(off.begin(), off.end() - 1);
@@ -522,7 +845,7 @@ void rasterize_impl(const T* verts, int64_t n, int64_t nv, const int64_t* faces,
     bin.resize(static_cast<size_t>(off[nblocks]));
     for (int64_t f = 0; f < nf; ++f) {
       if (rp[2 * f] < 0) continue;
-      for (int64_t b = rp[2 * f] / bh, b1 = rp[2 * f + 1] / bh; b <= b1; ++b) bin[fill[b]++] = static_cast<int32_t>(f);
+      for (int64_t b = bor[rp[2 * f]], b1 = bor[rp[2 * f + 1]]; b <= b1; ++b) bin[fill[b]++] = static_cast<int32_t>(f);
     }
   });
 
@@ -545,6 +868,8 @@ void rasterize_impl(const T* verts, int64_t n, int64_t nv, const int64_t* faces,
 #if MVP_HAVE_SSE2
       // column terms of one triangle: 3 per two-pixel step, 16-byte aligned after the planes
       __m128d* ct = reinterpret_cast<__m128d*>((reinterpret_cast<uintptr_t>(zp + 5 * plane) + 15) & ~uintptr_t(15));
+      thread_local FragQueue fq;
+      fq.n = 0;
 #endif
       for (int64_t k = offsets[img][blk], kend = offsets[img][blk + 1]; k < kend; ++k) {
         const int32_t f = bin[k];
@@ -552,12 +877,23 @@ void rasterize_impl(const T* verts, int64_t n, int64_t nv, const int64_t* faces,
         const int64_t ra = std::max<int64_t>(t.r0, row0), rb = std::min<int64_t>(t.r1, row1 - 1);
 #if MVP_HAVE_SSE2
         if (simd) {
-          kRasterSse2[t.owner](t, static_cast<double>(f), ra, rb, row0, zb, ct);
+#if MVP_HAVE_AVX
+          if (avx2 && t.c1 - t.c0 < kTinyW && (t.c1 - t.c0 + 1) * (rb - ra + 1) <= kTinyN) {
+            if (fq.n > FragQueue::kCap - kTinyN) flush(fq, zb, avx);
+            kTinyAvx2[t.owner](t, f, ra, rb, row0, zb, fq);
+            continue;
+          }
+#endif
+          const int64_t steps = (t.c1 - t.c0 + 2) >> 1;
+          kRasterSse2[t.owner][steps <= 3 ? steps : 0](t, f, ra, rb, row0, zb, ct, fq, avx);
           continue;
         }
 #endif
         raster_rows_scalar(t, static_cast<double>(f), ra, rb, row0, zb);
       }
+#if MVP_HAVE_SSE2
+      if (fq.n) flush(fq, zb, avx);
+#endif
     }
     // the block's rows of every output (empty pixels too: -1 / 0 / false)
     for (int64_t r = 0; r < nrows; ++r) {
@@ -569,6 +905,9 @@ void rasterize_impl(const T* verts, int64_t n, int64_t nv, const int64_t* faces,
       const double *zid = zb.id + r * stride, *z0 = zb.q0 + r * stride, *z1 = zb.q1 + r * stride,
                    *z2 = zb.q2 + r * stride, *zs = zb.qs + r * stride;
       int64_t c = 0;
+#if MVP_HAVE_AVX
+      if (avx) c = write_row_avx(zid, z0, z1, z2, zs, width, o_id, o_bary, o_depth, o_mask);
+#endif
 #if MVP_HAVE_SSE2
       const __m128d zero = _mm_setzero_pd(), one = _mm_set1_pd(1.0);
       for (; c + 2 <= width; c += 2) {
@@ -620,7 +959,7 @@ void rasterize_impl(const T* verts, int64_t n, int64_t nv, const int64_t* faces,
 
 void rasterize(py::array verts, py::array faces, int64_t height, int64_t width, bool cull_backfaces, double near,
                py::array tri_id, py::array bary, py::array depth, py::array mask, int num_threads,
-               int64_t block_rows, bool simd) {
+               int64_t block_rows, bool simd, bool avx) {
   if (height <= 0 || width <= 0) throw std::invalid_argument("height and width must be positive");
   if (height > std::numeric_limits<int32_t>::max() || width > std::numeric_limits<int32_t>::max())
     throw std::invalid_argument("height and width must fit in int32");
@@ -658,10 +997,10 @@ void rasterize(py::array verts, py::array faces, int64_t height, int64_t width, 
   py::gil_scoped_release release;
   if (f64)
     rasterize_impl<double>(static_cast<const double*>(vp), n, nv, fp, nf, height, width, cull_backfaces, near, ip,
-                           static_cast<double*>(bp), static_cast<double*>(dp), mp, nthreads, block_rows, simd);
+                           static_cast<double*>(bp), static_cast<double*>(dp), mp, nthreads, block_rows, simd, avx);
   else
     rasterize_impl<float>(static_cast<const float*>(vp), n, nv, fp, nf, height, width, cull_backfaces, near, ip,
-                          static_cast<float*>(bp), static_cast<float*>(dp), mp, nthreads, block_rows, simd);
+                          static_cast<float*>(bp), static_cast<float*>(dp), mp, nthreads, block_rows, simd, avx);
 }
 
 // ------------------------------------------------------------------------------- interpolation
@@ -861,12 +1200,14 @@ PYBIND11_MODULE(_rasterize_cpp, m) {
   m.def("rasterize", &rasterize, py::arg("verts").noconvert(), py::arg("faces").noconvert(), py::arg("height"),
         py::arg("width"), py::arg("cull_backfaces"), py::arg("near"), py::arg("tri_id").noconvert(),
         py::arg("bary").noconvert(), py::arg("depth").noconvert(), py::arg("mask").noconvert(),
-        py::arg("num_threads") = 0, py::arg("block_rows") = 0, py::arg("simd") = true,
+        py::arg("num_threads") = 0, py::arg("block_rows") = 0, py::arg("simd") = true, py::arg("avx") = true,
         "Rasterize verts (N, Nv, 3) [u, v, z] float32|float64 with faces (F, 3) int64 into the preallocated "
         "C-contiguous outputs tri_id (N, H, W) int64, bary (N, H, W, 3), depth (N, H, W) (dtype of verts) and "
         "mask (N, H, W) bool. num_threads <= 0: std::thread::hardware_concurrency(); block_rows <= 0: 32 rows "
         "per task; simd=False runs the scalar row loop (the same results; for tests). Releases the GIL.");
   m.attr("has_simd") = py::bool_(MVP_HAVE_SSE2 != 0);
+  m.attr("has_avx") = py::bool_(cpu_has_avx());
+  m.attr("has_avx2") = py::bool_(cpu_has_avx2());
   m.def("interpolate", &interpolate, py::arg("attrs").noconvert(), py::arg("faces").noconvert(),
         py::arg("tri_id").noconvert(), py::arg("bary").noconvert(), py::arg("mask").noconvert(),
         py::arg("out").noconvert(), py::arg("num_threads") = 0,
