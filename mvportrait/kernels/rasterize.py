@@ -54,12 +54,14 @@ entry points (``rasterize`` / ``interpolate``), which dispatch on ``impl``:
 
 * ``"ref"``: the PyTorch reference (any device).
 * ``"cpp"``: the C++ CPU kernels in :mod:`mvportrait.kernels.cpu` (pybind11 extension built by
-  ``pip install -e .``; a pool of std::threads over (view, block of rows), an SSE2 row loop, the
-  GIL released). Same triangle ids, coverage, barycentrics and depth as the reference, bit for
-  bit on x86-64 (the same float64 operations in the same order); CPU tensors only. Measured
-  (2-core AMD EPYC VM shared with other jobs; ``benchmarks/bench_rasterize_cpu.py``): 4 views
-  at 256^2 of the 9,976-face head in ~3.1 ms on one thread vs ~59 ms for the reference on one
-  torch thread (19x), 8.5 ms vs 230 ms at 512^2 (27x). ``interpolate`` and :func:`normal_map`
+  ``pip install -e .``; a pool of std::threads over (view, block of rows); covered pixels go
+  through a fragment queue whose barycentrics are computed a vector at a time, with an AVX2 path
+  for small triangles and an SSE2 row loop for the others, chosen at run time; the GIL released).
+  Same triangle ids, coverage, barycentrics and depth as the reference, bit for bit on x86-64
+  (the same float64 operations in the same order); CPU tensors only. Measured (idle 2-core AMD
+  EPYC VM; ``benchmarks/bench_rasterize_cpu.py``): 4 views at 256^2 of the 9,976-face head in
+  ~1.8 ms on two threads vs 36-39 ms for the reference (20-21x), ~7.6 ms vs 220-235 ms at 512^2
+  on one thread (29-31x). ``interpolate`` and :func:`normal_map`
   (interpolate + renormalise + RGB encoding in one pass) have C++ paths too.
 * ``"triton"``: the tile-binned Triton kernels in :mod:`mvportrait.kernels.rasterize_triton`
   (triangle setup, binning to 8x8-pixel tiles by sort, one launch over (image, tile) for every
