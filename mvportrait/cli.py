@@ -20,6 +20,19 @@ class CliError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
 
+def int_options(args, names, minimum: int = 1) -> dict:
+    """{name: value} of the int options ``names`` that were given (``args.<name>`` not None); CliError
+    naming ``--the-option`` for a value below ``minimum``."""
+    out = {}
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None:
+            if v < minimum:
+                raise CliError(f"--{name.replace('_', '-')} must be >= {minimum}, got {v}")
+            out[name] = v
+    return out
+
+
 def per_item_values(option: str, text, names, conv=float, what: str = "stage") -> dict:
     """``--option`` as one value for every name ('8') or one per name in order ('64,64,16,8');
     every value must be > 0. Returns {name: value}; CliError with the option's name otherwise."""

@@ -29,12 +29,9 @@ def _common(args) -> dict:
 
     cli = _cli()
     over = {}
-    for name in ("steps", "batch", "checkpoint_every", "default_steps", "warmup_steps"):
-        v = getattr(args, name, None)
-        if v is not None:
-            if v < (0 if name == "warmup_steps" else 1):
-                raise cli.CliError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-            over["warmup" if name == "warmup_steps" else name] = v
+    over.update(cli.int_options(args, ("steps", "batch", "checkpoint_every", "default_steps")))
+    if (w := cli.int_options(args, ("warmup_steps",), minimum=0)):
+        over["warmup"] = w["warmup_steps"]
     if args.default_steps is not None and args.default_steps > 1000:
         raise cli.CliError(f"--default-steps must be in [1, 1000], got {args.default_steps}")
     if args.lr is not None:
@@ -82,12 +79,7 @@ def cmd_distill_stage1(args) -> int:
     if kinds is None:
         raise cli.CliError(f"--kind must be motion, emotion or both, got {args.kind!r}")
     over = _common(args)
-    for name in ("corpus_size", "captions_per_clip"):
-        v = getattr(args, name)
-        if v is not None:
-            if v < 1:
-                raise cli.CliError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-            over[name] = v
+    over.update(cli.int_options(args, ("corpus_size", "captions_per_clip")))
     if args.velocity_weight is not None:
         if not args.velocity_weight >= 0:
             raise cli.CliError(f"--velocity-weight must be >= 0, got {args.velocity_weight}")
@@ -129,12 +121,7 @@ def cmd_distill_stage2(args) -> int:
 
     cli = _cli()
     over = _common(args)
-    for name in ("views", "frames", "pool_size"):
-        v = getattr(args, name)
-        if v is not None:
-            if v < 1:
-                raise cli.CliError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-            over[name] = v
+    over.update(cli.int_options(args, ("views", "frames", "pool_size")))
     teacher = Path(args.teacher) if args.teacher else DEFAULT_WEIGHTS
     if not (teacher / "config.json").is_file():
         raise cli.CliError(f"no stage-2 teacher at {teacher} (config.json missing)")

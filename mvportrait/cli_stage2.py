@@ -36,13 +36,7 @@ def cmd_train_stage2(args) -> int:
     if args.batch is not None:
         for s, v in per_stage("batch", args.batch, int).items():
             stage_over[s]["batch"] = v
-    overrides = {}
-    for name in ("steps", "pool_size", "checkpoint_every", "frame_stride"):
-        v = getattr(args, name)
-        if v is not None:
-            if v < 1:
-                raise cli.CliError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-            overrides[name] = v
+    overrides = cli.int_options(args, ("steps", "pool_size", "checkpoint_every", "frame_stride"))
     if args.lr is not None:
         if not args.lr > 0:
             raise cli.CliError(f"--lr must be > 0, got {args.lr}")

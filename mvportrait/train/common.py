@@ -34,3 +34,14 @@ def load_optimizer(opt: torch.optim.Optimizer, names: list[str], tensors: dict[s
             continue
         opt.state[p] = {"exp_avg": tensors[key].clone(), "exp_avg_sq": tensors[f"opt.{name}.exp_avg_sq"].clone(),
                         "step": tensors[f"opt.{name}.step"].reshape(()).cpu().clone()}  # AdamW keeps steps on the CPU
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, lr: float, grad_clip: float) -> None:
+    """One update: set every group's learning rate, backward, clip the gradient norm (when > 0), step."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()

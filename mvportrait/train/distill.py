@@ -56,7 +56,7 @@ from safetensors.torch import load_file, save_file
 from mvportrait.config import check_ints, check_numbers, replace_known
 from mvportrait.engine.schedulers import DDIMSampler, NoiseSchedule, combine_guidance, consistency_x0
 from mvportrait.fileio import atomic_write
-from mvportrait.train.common import load_optimizer, optimizer_tensors
+from mvportrait.train.common import load_optimizer, optimizer_tensors, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -284,13 +284,7 @@ def distill(task: DistillTask, dc: DistillConfig, out_dir: str | Path, *, seed: 
         loss, parts = consistency_loss(task, task.target, x0, cond, g, dc, sampler)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{task.name} distillation: loss is {float(loss)} at step {step}")
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, dc)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if dc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, dc.grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, params, lr_at(step, dc), dc.grad_clip)
         with torch.no_grad():
             torch._foreach_lerp_(tparams, [p.detach() for p in params], 1.0 - dc.target_ema)
         for k, v in parts.items():

@@ -49,7 +49,7 @@ from mvportrait.config import DenoiserConfig, Stage1TrainConfig
 from mvportrait.data.corpus import Text2FlameCorpus
 from mvportrait.engine.schedulers import NoiseSchedule
 from mvportrait.fileio import atomic_write
-from mvportrait.train.common import load_optimizer, optimizer_tensors
+from mvportrait.train.common import load_optimizer, optimizer_tensors, optimizer_step
 from mvportrait.models.motion_denoiser import MotionDenoiser, diffusion_loss
 
 log = logging.getLogger(__name__)
@@ -327,13 +327,7 @@ def train_model(kind: str, cfg: DenoiserConfig, tc: Stage1TrainConfig, x: np.nda
         else:
             pred_x0 = schedule.pred_x0_from_eps(x_t, out, t)
         losses = diffusion_loss(pred_x0, x0, cfg.velocity_weight)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        opt.step()
+        optimizer_step(opt, losses["loss"], params, lr_at(step, tc), tc.grad_clip)
         with torch.no_grad():
             decay = tc.ema if tc.ema > 0 else 0.0
             decay = min(decay, (1 + step) / (10 + step))

@@ -48,7 +48,7 @@ from mvportrait.config import Stage2Config, check_ints, check_numbers, replace_k
 from mvportrait.engine.schedulers import NoiseSchedule
 from mvportrait.fileio import atomic_write
 from mvportrait.models.stage2 import FLAME2VideoModel
-from mvportrait.train.common import load_optimizer, optimizer_tensors
+from mvportrait.train.common import load_optimizer, optimizer_tensors, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -332,13 +332,7 @@ def train_stage(model: FLAME2VideoModel, pool: ClipPool, tc: Stage2TrainConfig, 
             loss, parts = _loss_diffusion(model, pool, g, tc, schedule, cfg.prediction)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"stage {tc.stage}: loss is {float(loss)} at step {step}")
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, params, lr_at(step, tc), tc.grad_clip)
         if ema is not None:
             with torch.no_grad():
                 decay = min(tc.ema, (1 + step) / (10 + step))
