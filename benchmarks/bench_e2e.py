@@ -489,7 +489,8 @@ def make_rows(args, dev, res: dict) -> list[dict]:
             "frames": args.frames, "window": any_res["window"], "overlap": any_res["overlap"],
             "model_fps": any_res["fps_model"], "dtype": any_res["dtype"], "threads": torch.get_num_threads(),
             "isolated": not args.no_isolate, "load_avg_1m": round(os.getloadavg()[0], 2), "prompt": args.prompt,
-            "text_encoder": args.text_model or "default (MiniLM)"}
+            "text_encoder": args.text_model or "default (MiniLM)",
+            "kernels": os.environ.get("MVP_KERNELS", "auto")}
     rows = []
     name = f"e2e_{args.preset}"
     for which, r in res.items():

@@ -63,10 +63,17 @@ class _Clock:
         self._name = name
         return self
 
+    @staticmethod
+    def _sync():  # the naive pipeline is sequential: a stage's queued GPU work belongs to that stage
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
     def __enter__(self):
+        self._sync()
         self._t0 = time.perf_counter()
 
     def __exit__(self, *exc):
+        self._sync()
         self.seconds[self._name] += time.perf_counter() - self._t0
 
 

@@ -245,7 +245,7 @@ class TextDriver:
             self._lock.notify_all()
         self.wait_s += time.perf_counter() - t0
         n = len(frames)
-        return FlameParams(shape=self.shape.expand(1, self.shape.shape[-1]).to(pose.dtype),
+        return FlameParams(shape=self.shape.expand(1, self.shape.shape[-1]).to(pose.device, pose.dtype),
                            expression=expr[None].float(), global_pose=pose[None, :, 0:3].float(),
                            neck_pose=pose[None, :, 3:6].float(), jaw_pose=pose[None, :, 6:9].float(),
                            fps=self.fps) if n else None

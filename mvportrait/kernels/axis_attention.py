@@ -200,5 +200,7 @@ def axis_attention(q, k, v, heads: int, axis: str, *, scale: float | None = None
         strides += [st[0], st[other], st[3], st[dim], st[4]]
     grid = (-(-positions // block_p), heads)
     kernel[grid](q, k, v, out, positions, no, n, length, d, qk_scale, *strides,
-                 BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
+                 BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_D=block_d,
+                 num_warps=4 if block_l * block_p * block_d <= 4096 else 8)  # BLOCK_P >= 2 can exceed the
+    # 2048-element budget (L=32, D > 64): 4 warps spill at 255 registers on sm_90, 8 warps do not
     return out

@@ -408,7 +408,8 @@ def _lbs_triton(coeffs, pose, v_template, dirs, posedirs, parents, weights, tran
         trans = translation.contiguous() if translation is not None else feat  # dummy pointer when absent
         kernel[grid](coeffs.contiguous(), feat, v_template.contiguous(), dirs.contiguous(), posedirs.contiguous(),
                      weights.contiguous(), a, trans, out, n, nv, k, p, nj,
-                     HAS_TRANS=translation is not None, BLOCK_V=block_v, BLOCK_N=block_n, BLOCK_K=block_k)
+                     HAS_TRANS=translation is not None, BLOCK_V=block_v, BLOCK_N=block_n, BLOCK_K=block_k,
+                     num_warps=8 if block_n >= 64 else 4)  # 32x64 fp32 tiles at 4 warps: 255 regs + spills (sm_90)
     return out, posed_joints.to(v_template.dtype)
 
 

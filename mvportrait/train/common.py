@@ -11,6 +11,13 @@ import torch
 __all__ = ["optimizer_tensors", "load_optimizer"]
 
 
+def enable_tf32(device: torch.device) -> None:
+    """Training on CUDA: float32 matrix products and convolutions on the tensor cores (TF32)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def optimizer_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
     """AdamW state of the first parameter group as ``opt.<name>.*`` tensors (parameters without state skipped)."""
     out = {}

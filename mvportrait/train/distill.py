@@ -56,7 +56,7 @@ from safetensors.torch import load_file, save_file
 from mvportrait.config import check_ints, check_numbers, replace_known
 from mvportrait.engine.schedulers import DDIMSampler, NoiseSchedule, combine_guidance, consistency_x0
 from mvportrait.fileio import atomic_write
-from mvportrait.train.common import load_optimizer, optimizer_tensors, optimizer_step
+from mvportrait.train.common import enable_tf32, load_optimizer, optimizer_tensors, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -557,6 +557,7 @@ def distill_stage2(out: str | Path, *, teacher_dir=None, export_dir=None, device
     teacher_dir = Path(teacher_dir) if teacher_dir is not None else DEFAULT_WEIGHTS
     export_dir = Path(export_dir) if export_dir is not None else out / "student"
     dev = torch.device(device)
+    enable_tf32(dev)
     dc = DEFAULTS["stage2"].replace(**(overrides or {}))
     if model is None:
         meta = json.loads((teacher_dir / "config.json").read_text()) if (teacher_dir / "config.json").is_file() else {}

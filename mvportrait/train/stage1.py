@@ -49,7 +49,7 @@ from mvportrait.config import DenoiserConfig, Stage1TrainConfig
 from mvportrait.data.corpus import Text2FlameCorpus
 from mvportrait.engine.schedulers import NoiseSchedule
 from mvportrait.fileio import atomic_write
-from mvportrait.train.common import load_optimizer, optimizer_tensors, optimizer_step
+from mvportrait.train.common import enable_tf32, load_optimizer, optimizer_tensors, optimizer_step
 from mvportrait.models.motion_denoiser import MotionDenoiser, diffusion_loss
 
 log = logging.getLogger(__name__)
@@ -399,9 +399,7 @@ def train_stage1(preset: str, out: str | os.PathLike, *, steps: int | None = Non
 
     out = Path(out)
     dev = resolve_device(device)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(dev)
     tc = Stage1TrainConfig(**{**(train_overrides or {}), **({"steps": steps} if steps else {}),
                               **({"batch": batch} if batch else {})})
     encoder = open_text_encoder(text_encoder, text_model, device=dev)

@@ -48,7 +48,7 @@ from mvportrait.config import Stage2Config, check_ints, check_numbers, replace_k
 from mvportrait.engine.schedulers import NoiseSchedule
 from mvportrait.fileio import atomic_write
 from mvportrait.models.stage2 import FLAME2VideoModel
-from mvportrait.train.common import load_optimizer, optimizer_tensors, optimizer_step
+from mvportrait.train.common import enable_tf32, load_optimizer, optimizer_tensors, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -406,6 +406,7 @@ def train_stage2(stage: str, out: str | Path, *, preset: str = "tiny", device="c
         raise ValueError(f"stage must be one of {STAGES + ('all',)}, got {stage!r}")
     out = Path(out)
     device = torch.device(device)
+    enable_tf32(device)
     final = out / "final"
     summary = {"preset": preset, "seed": seed, "device": str(device), "command": command, "stages": {},
                "fps": None}

@@ -420,3 +420,25 @@ def test_cli_stream_backend_and_dtype(stage2_micro_run, tmp_path):
     a, b, c = (np.frombuffer(r.read_bytes(), np.uint8).astype(int) for r in raws.values())
     assert a.size == b.size == c.size > 0 and np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.05
     assert 0 < np.abs(a - c).mean() < 1.5  # --dtype reaches the networks: bfloat16 rounding, no more
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_text_stream_on_cuda_matches_cpu(stage2_micro_run, ref):
+    """Text-driven streaming with both stages on the GPU (stage-1 poses and the identity shape meet on the
+    device) gives the CPU stream's frames up to float rounding (noise is drawn on the CPU generator)."""
+    out, _ = stage2_micro_run
+    kw = dict(views="ring-2", fps=25.0, seconds=1.0, steps=1, seed=3, realtime=False, stage1_steps=2, queue_size=2)
+    videos = []
+    for dev in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        t2f = Text2FLAME(MotionDenoiser(DenoiserConfig.from_name("tiny", "motion")).to(dev),
+                         MotionDenoiser(DenoiserConfig.from_name("tiny", "emotion")).to(dev), HashingEncoder(),
+                         overlap=8)
+        eng = StreamingEngine(FLAME2Video.from_pretrained(out / "final", overlap=1, device=dev), t2f)
+        eng.prepare(ref.to(dev), "nods twice, then smiles", **kw)
+        frames = _frames(eng)[0]
+        assert [f.index for f in frames] == list(range(25))
+        videos.append(_video(frames).float())
+    diff = (videos[0] - videos[1]).abs()
+    assert diff.mean() < 2.0 and diff.max() <= 64, (diff.mean(), diff.max())
