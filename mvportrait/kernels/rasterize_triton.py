@@ -350,8 +350,9 @@ def _const(kind: str, value, device: torch.device) -> torch.Tensor:
 
 
 def _defaults(device: torch.device, tile, block_t, num_warps):
-    """(tile, block_t, num_warps). GPU: 8x8-pixel tiles, 2 triangles per step, 2 warps (the best
-    of a sweep on an H200, 4 views x 512^2 of the head: ``bench_kernels.py --raster-sweep``;
+    """(tile, block_t, num_warps). GPU: 8x8-pixel tiles, 2 triangles per step, 4 warps (the best
+    of a sweep on an H200, 4 views x 512^2 of the head: ``bench_kernels.py --raster-sweep``,
+    benchmarks/results/gpu_suite_h200.txt: 0.40 ms vs 0.52 ms at 2 warps;
     larger tiles evaluate more empty pixel centres per triangle, more triangles per step cost
     registers). The interpreter (CPU, tests): 16x16 tiles and 256 triangles per step, because
     there every program and every step costs ~50 numpy calls whatever its size."""
@@ -360,7 +361,7 @@ def _defaults(device: torch.device, tile, block_t, num_warps):
         tile = TILE if cuda else (16, 16)
     tile = (tile, tile) if isinstance(tile, int) else tuple(tile)
     block_t = (2 if cuda else 256) if block_t is None else block_t
-    return tile, block_t, (2 if cuda else 4) if num_warps is None else num_warps
+    return tile, block_t, 4 if num_warps is None else num_warps
 
 
 def rasterize_triton(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, width: int, *,
