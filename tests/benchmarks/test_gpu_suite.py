@@ -1,0 +1,76 @@
+"""benchmarks/gpu_suite.sh runs once per lent GPU with no second try, so its control flow is checked here
+with a stand-in `python` (PYTHON=...) that logs each call: phase 1 (training jobs in the background beside
+the tests), then the benchmarks only after the training jobs finished, the fall-back end-to-end run on the
+reference kernels, and the archives that come back under $OUT."""
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils timeout")
+
+FAKE = r"""#!/bin/bash
+echo "$(date +%s.%N) START $* kernels=${MVP_KERNELS:-auto}" >> "$CALLS"
+[ "$1" = "-" ] && { cat > /dev/null; echo "env ok"; exit 0; }
+case "$*" in
+  *"train stage2"*) out=$(echo "$*" | sed 's/.*--out \([^ ]*\).*/\1/'); mkdir -p "$out/final" "$out/spatial"
+                    echo '{}' > "$out/final/config.json"; echo x > "$out/spatial/checkpoint.safetensors"; sleep 2 ;;
+  *"distill stage2"*) out=$(echo "$*" | sed 's/.*--out \([^ ]*\).*/\1/'); mkdir -p "$out/student" "$out/unet"
+                      echo x > "$out/unet/checkpoint.safetensors"; echo x > "$out/student/model.safetensors"; sleep 1 ;;
+  *pytest*) sleep 1 ;;
+  *"--preset sd15"*) [ "${MVP_KERNELS:-}" = ref ] || { echo "$(date +%s.%N) END $*" >> "$CALLS"; exit 1; } ;;
+esac
+echo "$(date +%s.%N) END $* kernels=${MVP_KERNELS:-auto}" >> "$CALLS"
+exit 0
+"""
+
+
+def test_suite_order_fallback_and_archives(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE)
+    fake.chmod(0o755)
+    out, calls = tmp_path / "out", tmp_path / "calls.log"
+    out.mkdir()
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(out), CALLS=str(calls), GPU_SUITE_BUDGET_S="120",
+               MVP_TEXT_MODEL=str(tmp_path / "no-minilm"))
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_suite.sh"), "--train"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log  # the sd15 run failed once (then passed on the reference kernels)
+    lines = [ln.split(" ", 2) for ln in calls.read_text().splitlines()]
+    events = [(float(t), kind, rest) for t, kind, rest in lines]
+
+    def when(kind, needle):
+        return [t for t, k, rest in events if k == kind and needle in rest]
+
+    # training jobs start before the tests finish, and every benchmark starts after both jobs ended
+    train_end = max(when("END", "train stage2") + when("END", "distill stage2"))
+    assert min(when("START", "train stage2")) < max(when("END", "pytest tests/kernels"))
+    for bench in ("bench_kernels.py", "bench_e2e.py"):
+        assert min(when("START", bench)) > train_end
+    assert when("START", "--text-model hashing")  # no MiniLM folder: the hashing encoder
+    # the failed sd15 run is retried once on the reference kernels; tiny passes on the first try
+    assert len(when("START", "--preset sd15")) == 2 and when("END", "--preset sd15 ") and \
+        any("kernels=ref" in rest for _, k, rest in events if k == "END" and "--preset sd15" in rest)
+    assert len(when("START", "--preset tiny")) == 1
+    assert "== e2e_sd15 FAILED" in log and "== e2e_sd15_refkernels ok" in log
+    # what comes back: results, logs and the two training archives, without optimizer state
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["distill.tgz.part00", "logs.tgz", "results.tgz", "stage2.tgz.part00"], names
+    for part, top in (("stage2.tgz.part00", "stage2"), ("distill.tgz.part00", "distill")):
+        with tarfile.open(out / part) as tf:
+            members = tf.getnames()
+        assert f"{top}/{top}.log" in members and not any(m.endswith("checkpoint.safetensors") for m in members)
+    with tarfile.open(out / "logs.tgz") as tf:
+        assert {"logs/pytest_kernels.log", "logs/e2e_tiny.log", "logs/stage2.log"} <= set(tf.getnames())
+
+
+def test_suite_rejects_unknown_options(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_suite.sh"), "--bogus"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30, env=dict(os.environ, OUT=str(tmp_path)))
+    assert proc.returncode == 2 and "unknown option --bogus" in proc.stdout
