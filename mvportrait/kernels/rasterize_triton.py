@@ -56,12 +56,12 @@ bytes. The 9,976-face head seen by 4 views at 512^2: 18,392 of 39,904 triangles 
 pairs with 8x8 tiles (38k with 16x16, 27k with 32x32), i.e. 4.1M pixel evaluations (9.8M, 28M)
 ~ 0.2 GFLOP float64; ~25 MB of outputs.
 
-Measured on an H200 (``bench_kernels.py``), 4 x 512^2 of the head, float32: ``rasterize``
-0.45-0.48 ms p50 with 8x8 tiles / 2 triangles per step / 2 warps (0.62-0.67 ms with 16x16 / 4 /
-4), the reference 3.8-4.9 ms; GPU time per call ~0.1 ms raster kernel (0.23 ms with 16x16
-tiles), 37 us sort, 14 us setup, 20 us normal map. The rest is host time: ~20 small launches
-and one sync per call, tens of microseconds each on that machine; those numbers predate the
-in-kernel checks and the sort permutation read in the kernel (fewer launches, not re-measured).
+Measured on an H200 (``bench_kernels.py --raster-sweep`` in ``benchmarks/gpu_suite.sh``, the tree of
+67f66e1; ``benchmarks/results/kernels_nvidia-h200.json`` and ``gpu_suite_h200.txt``), 4 x 512^2 of the
+head, float32: public ``rasterize`` 0.645 ms p50 with 8x8 tiles / 2 triangles per step / 2 warps
+(``rasterize_triton`` alone 0.52 ms; 0.40 ms with 4 warps, now the default), 0.88 ms with the normal
+map, the reference 7.49 ms. GPU time per call: tiles 87 us, sort 41 us, interpolate 27 us, setup 14 us,
+bin 3 us; the rest is host time (launches, allocations, two device-to-host reads of bin counts).
 """
 from __future__ import annotations
 
