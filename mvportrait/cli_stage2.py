@@ -250,6 +250,12 @@ def cmd_eval_stage2(args) -> int:
     cli = _cli()
     if args.n < 1 or (args.steps is not None and not 1 <= args.steps <= 1000):
         raise cli.CliError("--n must be >= 1 and --steps in [1, 1000]")
+    if args.pictures < 0:
+        raise cli.CliError(f"--pictures must be >= 0, got {args.pictures}")
+    picture = args.picture if args.pictures and args.picture else None
+    if picture and not Path(picture).resolve().parent.is_dir():  # before the evaluation, not after it
+        raise cli.CliError(f"cannot write {picture}: directory {Path(picture).parent} does not exist "
+                           f"(or pass --pictures 0)")
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = FLAME2Video.from_pretrained(args.weights, student=args.student, device=args.device, dtype=dtype_arg(args))
@@ -268,13 +274,15 @@ def cmd_eval_stage2(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
-    if args.picture and pics:
-        write_image(args.picture, comparison_sheet(pics))
+    if picture and pics:
+        write_image(picture, comparison_sheet(pics))
+    else:
+        picture = None
     for k in ("psnr", "ssim", "autoencoder_psnr", "autoencoder_ssim", "view_consistency", "view_consistency_gt",
               "flicker_ratio", "seconds_per_frame"):
         print(f"{k:>20}: {report[k]:.4f}")
     print(f"{'psnr per view':>20}: {report['psnr_per_view']}")
-    print(f"wrote {out}" + (f" and {args.picture}" if args.picture else ""))
+    print(f"wrote {out}" + (f" and {picture}" if picture else ""))
     return 0
 
 

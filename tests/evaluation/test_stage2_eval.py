@@ -21,3 +21,29 @@ def test_report_and_picture(stage2_micro_run):
     # the picture holds the ground truth and the generated frames it claims to
     assert np.array_equal(sheet[:32, :32], gt[0, 0].numpy())
     assert np.array_equal(sheet[36:68, :32], gen[0, 0].numpy())
+
+
+def test_cli_eval_stage2_picture_checked_first_and_optional(stage2_micro_run, tmp_path, capsys, monkeypatch):
+    from mvportrait.cli import main
+    from mvportrait.evaluation import stage2 as ev
+
+    out, _ = stage2_micro_run
+    load = FLAME2Video.from_pretrained.__func__  # the micro model's 2-frame window needs overlap 1
+    monkeypatch.setattr(FLAME2Video, "from_pretrained", classmethod(lambda cls, *a, **k: load(cls, *a, overlap=1, **k)))
+    calls = []
+    real = ev.evaluate_stage2
+    monkeypatch.setattr(ev, "evaluate_stage2", lambda *a, **k: (calls.append(k), real(*a, **k))[1])
+    args = ["eval", "stage2", "--weights", str(out / "final"), "--n", "1", "--steps", "1", "--threads", "1", "--quiet"]
+    # a picture into a missing folder is refused before any clip is evaluated, and nothing is written
+    bad = tmp_path / "missing" / "p.png"
+    assert main(args + ["--out", str(tmp_path / "a.json"), "--picture", str(bad)]) == 2
+    assert not calls and not (tmp_path / "a.json").exists()
+    assert "directory" in capsys.readouterr().err
+    # --pictures 0: the report only, and the message does not claim a picture
+    assert main(args + ["--out", str(tmp_path / "b.json"), "--pictures", "0", "--picture", str(bad)]) == 0
+    assert (tmp_path / "b.json").is_file() and not bad.exists() and len(calls) == 1
+    assert "p.png" not in capsys.readouterr().out
+    # with a picture: both written
+    pic = tmp_path / "p.png"
+    assert main(args + ["--out", str(tmp_path / "c.json"), "--pictures", "1", "--picture", str(pic)]) == 0
+    assert pic.is_file() and str(pic) in capsys.readouterr().out
