@@ -139,10 +139,6 @@ fi
 # ---- phase 2: benchmarks on an otherwise idle GPU
 if [ "$BENCH" = 1 ]; then
     step bench_kernels 110 $PY benchmarks/bench_kernels.py --raster-sweep $QUICK
-    for bench in $(ls benchmarks/bench_*.py | grep -v -e '_cpu\.py$' -e 'bench_kernels\.py$' -e 'bench_stage1\.py$' \
-                   -e 'bench_e2e\.py$'); do
-        step "$(basename "$bench" .py)" 60 $PY "$bench"
-    done
     # end to end, naive vs engine in the same run (each pipeline in its own process): the shipped tiny
     # models (students when shipped), then sd15 with random weights at 4 views x 512x512 (the engine at
     # 1 consistency step: what a 1-step student costs; the naive pipeline at 25 DDIM steps x 2 calls).

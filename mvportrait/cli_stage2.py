@@ -274,10 +274,9 @@ def cmd_eval_stage2(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
-    if picture and pics:
+    picture = picture if pics else None  # keep=0 clips: nothing to draw
+    if picture:
         write_image(picture, comparison_sheet(pics))
-    else:
-        picture = None
     for k in ("psnr", "ssim", "autoencoder_psnr", "autoencoder_ssim", "view_consistency", "view_consistency_gt",
               "flicker_ratio", "seconds_per_frame"):
         print(f"{k:>20}: {report[k]:.4f}")
