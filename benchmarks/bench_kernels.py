@@ -7,7 +7,8 @@ permute) and, when CUDA and triton exist, the Triton path, at the shapes the eng
 
 * LBS of the 5,023-vertex ``synthetic_head(0, flame_size=True)`` (300 shape + 100 expression
   components) for 1 and 64 frames, end to end through ``lbs(...)`` (validation, the small torch
-  step and the kernel); on GPU also with a precomputed joint basis and with vertex normals.
+  step and the kernel; on CUDA replayed as one CUDA graph), with and without vertex normals, and
+  on GPU also without the graph (``graph=False``: the same launches one by one).
 * Axis attention on (B=1, V=4, F=8, N, C=320) with 8 heads (D=40), q/k/v sliced from one fused
   qkv tensor, along views and along frames, N = 32*32 (and 64*64 on GPU or with ``--full``).
 
@@ -15,7 +16,8 @@ permute) and, when CUDA and triton exist, the Triton path, at the shapes the eng
   of the 9,976-face ``synthetic_head(0, flame_size=True)`` (one demo frame, ``ring-4`` rig),
   ``rasterize`` alone and ``rasterize`` + ``normal_map`` (what the FLAME encoder consumes),
   Triton vs ``rasterize_ref`` / ``normal_map_ref``: latency (ms) and triangles/s (N * F input
-  triangles per second). ``--raster-sweep`` also prints the Triton path for other tile sizes,
+  triangles per second), each as the engine calls it (on CUDA: a CUDA graph replay) and without
+  the graph (``triton-nograph``). ``--raster-sweep`` also prints the Triton path for other tile sizes,
   triangles per step and warp counts, and a per-kernel GPU time breakdown (not written as rows).
 
 Each timing gives a latency row (ms) and, from the bytes/FLOPs the kernel modules document
@@ -75,11 +77,15 @@ def bench_lbs(dev, use_triton, repeat, sync):
             cases = [("torch-ref", lambda: lbs_k.lbs(*args, impl="ref"), cost)]
             if use_triton:
                 cost_b = lbs_k.lbs_cost(frames, m.n_vertices, 400, 5, dtype, joint_basis=True)
-                cases += [("triton", lambda: lbs_k.lbs(*args, impl="triton"), cost),
-                          ("triton+joint_basis", lambda: lbs_k.lbs(*args, joint_basis=basis, impl="triton"), cost_b),
-                          ("triton+joint_basis+normals",
+                # the public call as the engine makes it (on CUDA: one CUDA graph replay, the joint basis
+                # and faces table cached per model), then the same launches without the graph
+                cases += [("triton", lambda: lbs_k.lbs(*args, impl="triton"), cost_b),
+                          ("triton-nograph", lambda: lbs_k.lbs(*args, joint_basis=basis, impl="triton", graph=False),
+                           cost_b),
+                          ("triton+normals", lambda: lbs_k.lbs(*args, faces=m.faces, impl="triton"), cost_b),
+                          ("triton+normals-nograph",
                            lambda: lbs_k.lbs(*args, joint_basis=basis, faces=m.faces, vertex_faces=table,
-                                             impl="triton"), cost_b)]
+                                             impl="triton", graph=False), cost_b)]
             with torch.inference_mode():
                 for backend, fn, c in cases:
                     s = timeit(fn, warmup=3, repeat=repeat, sync=sync)
@@ -138,18 +144,22 @@ def bench_rasterize(dev, repeat, sync, sweep=False):
     n, nf = pix.shape[0], faces.shape[0]
     cfg = {"views": n, "size": f"{size}x{size}", "faces": nf, "vertices": pix.shape[1], "dtype": "float32"}
 
-    def tri(impl):
-        return lambda: rast.rasterize(pix, faces, size, size, impl=impl)
+    def tri(impl, graph=None):
+        return lambda: rast.rasterize(pix, faces, size, size, impl=impl, graph=graph)
 
-    def tri_nm(impl):
+    def tri_nm(impl, graph=None):
         def run():
-            frags = rast.rasterize(pix, faces, size, size, impl=impl)
+            frags = rast.rasterize(pix, faces, size, size, impl=impl, graph=graph)
             return rast.normal_map(normals, faces, frags, impl=impl)
         return run
 
     rows = []
-    cases = [("rasterize", "triton", tri("triton"), repeat), ("rasterize", "torch-ref", tri("ref"), 5),
+    # "triton": the public call as the engine makes it (on CUDA a CUDA graph replay + one read of the
+    # pair count); "triton-nograph": the same kernels launched one by one, buffers sized exactly
+    cases = [("rasterize", "triton", tri("triton"), repeat),
+             ("rasterize", "triton-nograph", tri("triton", False), repeat), ("rasterize", "torch-ref", tri("ref"), 5),
              ("rasterize+normal_map", "triton", tri_nm("triton"), repeat),
+             ("rasterize+normal_map", "triton-nograph", tri_nm("triton", False), repeat),
              ("rasterize+normal_map", "torch-ref", tri_nm("ref"), 5)]
     with torch.inference_mode():
         for name, backend, fn, rep in cases:
@@ -176,13 +186,16 @@ def _raster_sweep(pix, faces, normals, size, sync):
     configs += [(16, 2, 4), (16, 2, 8)]
     for tile, block_t, warps in configs:
         try:
-            ms = p50(lambda: rt.rasterize_triton(pix, faces, size, size, tile=tile, block_t=block_t, num_warps=warps))
+            ms = p50(lambda: rt.rasterize_triton(pix, faces, size, size, tile=tile, block_t=block_t, num_warps=warps,
+                                                 graph=False))
         except Exception as e:  # noqa: BLE001 -- e.g. too many registers for a config
             print(f"sweep tile={tile} block_t={block_t} warps={warps}: {type(e).__name__}: {e}"[:200])
             continue
         print(f"sweep tile={tile!s:>8} block_t={block_t} warps={warps}: p50 {ms:.3f} ms")
-    frags = rt.rasterize_triton(pix, faces, size, size)
-    print(f"breakdown (p50 ms): rasterize_triton {p50(lambda: rt.rasterize_triton(pix, faces, size, size)):.3f}, "
+    frags = rt.rasterize_triton(pix, faces, size, size, graph=False)
+    nograph = p50(lambda: rt.rasterize_triton(pix, faces, size, size, graph=False))
+    print(f"breakdown (p50 ms): rasterize_triton {nograph:.3f}, "
+          f"graphed {p50(lambda: rt.rasterize_triton(pix, faces, size, size)):.3f}, "
           f"public rasterize {p50(lambda: rast.rasterize(pix, faces, size, size, impl='triton')):.3f}, "
           f"normal_map_triton {p50(lambda: rt.normal_map_triton(normals, faces, frags)):.3f}, "
           f"public normal_map {p50(lambda: rast.normal_map(normals, faces, frags, impl='triton')):.3f}, "
@@ -199,7 +212,7 @@ def _raster_sweep(pix, faces, normals, size, sync):
 
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(10):
-            f2 = rt.rasterize_triton(pix, faces, size, size)
+            f2 = rt.rasterize_triton(pix, faces, size, size, graph=False)
             rt.normal_map_triton(normals, faces, f2)
         sync()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))

@@ -9,6 +9,7 @@ MVP_BACKEND        network backend: torch | compile | onnxruntime | tensorrt, to
 MVP_CACHE_DIR      where exported / built artifacts are cached                ~/.cache/mvportrait
 MVP_LOG_LEVEL      log level of the ``mvportrait`` logger in the CLI           INFO
 MVP_TEXT_MODEL     text encoder: minilm | hashing | local HF model folder     minilm
+MVP_CUDA_GRAPHS    CUDA graphs for LBS / rasterizer calls: 1 | 0              1
 =================  =========================================================  ==========
 """
 from __future__ import annotations
@@ -31,6 +32,11 @@ def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
 def kernels() -> str:
     """Value of MVP_KERNELS (read at call time so tests can monkeypatch it)."""
     return _choice("MVP_KERNELS", "auto", KERNEL_CHOICES)
+
+
+def cuda_graphs() -> bool:
+    """Value of MVP_CUDA_GRAPHS: whether the kernels' public calls on CUDA replay CUDA graphs."""
+    return _choice("MVP_CUDA_GRAPHS", "1", ("1", "0")) == "1"
 
 
 def backend() -> str:

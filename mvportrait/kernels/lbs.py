@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import torch
 
+from mvportrait.kernels import _graphs
 from mvportrait.kernels._triton import launcher, triton_available, triton_kernel
 
 # Triton is optional and imported on the first Triton call, not here: importing mvportrait never
@@ -92,16 +93,17 @@ def rodrigues(axis_angle: torch.Tensor) -> torch.Tensor:
     return eye + a[..., None] * k + b[..., None] * (k @ k)
 
 
-def batch_rigid_transform(rot: torch.Tensor, joints: torch.Tensor, parents: torch.Tensor):
-    """Kinematic chain. rot (N, J, 3, 3), joints (N, J, 3) rest positions, parents (J,).
+def batch_rigid_transform(rot: torch.Tensor, joints: torch.Tensor, parents):
+    """Kinematic chain. rot (N, J, 3, 3), joints (N, J, 3) rest positions, parents (J,) tensor or list.
 
     Returns (posed_joints (N, J, 3), A (N, J, 4, 4)) where A maps rest-pose points to posed
     points for each joint (rest joint position already removed).
     """
     n, nj = joints.shape[:2]
-    par = [int(p) for p in parents.tolist()]
+    par = [int(p) for p in (parents if isinstance(parents, (list, tuple)) else parents.tolist())]
     rel = joints.clone()
-    rel[:, 1:] = joints[:, 1:] - joints[:, par[1:]]
+    if nj > 1:  # parents gathered by integer views: no index tensor (a host copy) per call
+        rel[:, 1:] = joints[:, 1:] - torch.stack([joints[:, p] for p in par[1:]], 1)
     local = torch.zeros(n, nj, 4, 4, dtype=rot.dtype, device=rot.device)
     local[:, :, :3, :3] = rot
     local[:, :, :3, 3] = rel
@@ -339,12 +341,13 @@ def vertex_normals(verts, faces, vertex_faces=None, *, out=None, impl="auto"):
     """Area-weighted unit vertex normals of posed meshes: verts (N, V, 3) -> (N, V, 3).
 
     ``faces`` (F, 3) integer; ``vertex_faces`` the (V, M) int32 table of
-    :func:`construct_vertex_faces` (built here when None); ``out`` an optional (N, V, 3)
-    contiguous buffer of the dtype of ``verts``. See the module docstring for cost and ``impl``.
+    :func:`construct_vertex_faces` (built once per ``faces`` content and cached when None);
+    ``out`` an optional (N, V, 3) contiguous buffer of the dtype of ``verts``. See the module
+    docstring for cost and ``impl``. The index-range check of ``faces`` runs once per content.
     """
     _check("verts", verts, (None, None, 3))
     n, nv = verts.shape[:2]
-    faces = _check_faces(faces, nv)
+    faces = _checked_faces(faces, nv)
     if faces.device != verts.device:
         raise ValueError(f"faces are on {faces.device}, verts on {verts.device}")
     if out is not None:
@@ -355,11 +358,24 @@ def vertex_normals(verts, faces, vertex_faces=None, *, out=None, impl="auto"):
         res = vertex_normals_ref(verts, faces)
         return res if out is None else out.copy_(res)
     if vertex_faces is None:
-        vertex_faces = construct_vertex_faces(faces, nv)
+        vertex_faces = _graphs.once("lbs.vertex_faces", (faces,), lambda: construct_vertex_faces(faces, nv), nv)
     _check("vertex_faces", vertex_faces, (nv, None), torch.int32, verts.device)
+    return _vertex_normals_triton(verts, _graphs.once("lbs.faces32", (faces,), lambda: faces.to(torch.int32)
+                                                      .contiguous()), vertex_faces, out)
+
+
+def _checked_faces(faces, nv: int) -> torch.Tensor:
+    if not isinstance(faces, torch.Tensor):
+        raise TypeError(f"faces must be a torch.Tensor, got {type(faces).__name__}")
+    return _graphs.once("lbs.faces", (faces,), lambda: _check_faces(faces, nv), nv)
+
+
+def _vertex_normals_triton(verts, faces32, vertex_faces, out=None):
+    """The normals kernel on checked inputs (faces int32 contiguous); no host sync (graph-safe)."""
     kernel = launcher(_vertex_normals_kernel, verts.device, "vertex_normals")
     verts = verts.contiguous()
     vf = vertex_faces.contiguous()
+    n, nv = verts.shape[:2]
     if out is None:
         out = torch.empty_like(verts)
     if n == 0 or nv == 0:
@@ -368,7 +384,7 @@ def vertex_normals(verts, faces, vertex_faces=None, *, out=None, impl="auto"):
     block_m = _next_pow2(m)
     block_v = max(1, min(128, 2048 // block_m))
     grid = (_cdiv(nv, block_v), n)
-    kernel[grid](verts, faces.to(torch.int32).contiguous(), vf, out, nv, m, BLOCK_V=block_v, BLOCK_M=block_m)
+    kernel[grid](verts, faces32, vf, out, nv, m, BLOCK_V=block_v, BLOCK_M=block_m)
     return out
 
 
@@ -387,6 +403,7 @@ def lbs_cost(n: int, nv: int, k: int, nj: int = 5, dtype: torch.dtype = torch.fl
 
 
 def _lbs_triton(coeffs, pose, v_template, dirs, posedirs, parents, weights, translation, joint_basis, out):
+    """The Triton LBS on checked inputs (``parents`` a list); no host sync, so it can be graph-captured."""
     kernel = launcher(_lbs_kernel, v_template.device, "lbs")
     n, k = coeffs.shape
     nv, nj = weights.shape
@@ -413,15 +430,32 @@ def _lbs_triton(coeffs, pose, v_template, dirs, posedirs, parents, weights, tran
     return out, posed_joints.to(v_template.dtype)
 
 
+def _parents_list(parents) -> list[int]:
+    par = parents.tolist()
+    if par[0] != -1 or any(not (0 <= p < j) for j, p in enumerate(par) if j > 0):
+        raise ValueError(f"parents must be topologically sorted with parents[0] == -1, got {par}")
+    return par
+
+
+GRAPHS = _graphs.GraphCache("lbs")  # CUDA graphs of the Triton path, one per shape / model / options
+
+
 def lbs(coeffs, pose, v_template, dirs, posedirs, j_regressor, parents, weights, translation=None, *,
-        faces=None, vertex_faces=None, joint_basis=None, out=None, impl="auto"):
+        faces=None, vertex_faces=None, joint_basis=None, out=None, impl="auto", graph=None):
     """Validating entry point; see the module docstring for the math, shapes and dispatch.
 
     Returns ``(vertices (N, V, 3), joints (N, J, 3))``, or ``(vertices, joints, normals)`` when
-    ``faces`` (F, 3) is given (``vertex_faces`` from :func:`construct_vertex_faces` saves
-    rebuilding the table). ``joint_basis`` from :func:`construct_joint_basis` saves a pass over
-    ``dirs`` on the Triton path (the reference ignores it). ``out``: optional contiguous
-    (N, V, 3) buffer for the vertices.
+    ``faces`` (F, 3) is given (``vertex_faces`` from :func:`construct_vertex_faces`; built once
+    per ``faces`` and cached when None). ``joint_basis`` from :func:`construct_joint_basis`
+    (computed once per model and cached when None; the reference ignores it). ``out``: optional
+    contiguous (N, V, 3) buffer for the vertices.
+
+    ``graph``: on the Triton path with CUDA tensors, the whole call (joint chain, LBS kernel,
+    normals kernel) is replayed as one CUDA graph per (shapes, dtypes, model tensors, options)
+    -- ``None`` (default): when :func:`mvportrait.kernels._graphs.usable` allows it
+    (``MVP_CUDA_GRAPHS`` not 0, no autograd inputs, not inside another capture); ``False``:
+    never; ``True``: required (ValueError if not possible). Results are fresh tensors either way.
+    The value checks of ``parents`` and ``faces`` read them to the host once per content, not per call.
     """
     _check("v_template", v_template, (None, 3))
     nv = v_template.shape[0]
@@ -443,18 +477,47 @@ def lbs(coeffs, pose, v_template, dirs, posedirs, j_regressor, parents, weights,
             raise ValueError("out must be contiguous")
     if joint_basis is not None:
         _check("joint_basis", joint_basis, (nj, 3, coeffs.shape[1] + 1), torch.float32, dev)
-    par = parents.tolist()
-    if par[0] != -1 or any(not (0 <= p < j) for j, p in enumerate(par) if j > 0):
-        raise ValueError(f"parents must be topologically sorted with parents[0] == -1, got {par}")
-    if _use_triton(impl, dev, dt, "lbs"):
-        if joint_basis is None:
-            joint_basis = construct_joint_basis(j_regressor, v_template, dirs)
-        verts, joints = _lbs_triton(coeffs, pose, v_template, dirs, posedirs, parents, weights, translation,
-                                    joint_basis, out)
-    else:
+    if graph not in (None, True, False):
+        raise ValueError(f"graph must be None, True or False, got {graph!r}")
+    par = _graphs.once("lbs.parents", (parents,), lambda: _parents_list(parents))
+    if faces is not None:
+        faces = _checked_faces(faces, nv)
+        if faces.device != dev:
+            raise ValueError(f"faces are on {faces.device}, verts on {dev}")
+    use_triton = _use_triton(impl, dev, dt, "lbs")
+    tensors = (coeffs, pose, translation, v_template, dirs, posedirs, weights)
+    use_graph = graph is not False and use_triton and n > 0 and nv > 0 and _graphs.usable(dev, tensors)
+    if graph and not use_graph:
+        raise ValueError("graph=True needs the Triton path on CUDA (impl 'auto'/'triton'), MVP_CUDA_GRAPHS=1, "
+                         "a non-empty batch, no inputs that require grad and no CUDA graph capture in progress")
+    if not use_triton:
         verts, joints = lbs_ref(coeffs, pose, v_template, dirs, posedirs, j_regressor, parents, weights, translation)
         if out is not None:
             verts = out.copy_(verts)
-    if faces is None:
-        return verts, joints
-    return verts, joints, vertex_normals(verts, faces, vertex_faces, impl=impl)
+        if faces is None:
+            return verts, joints
+        return verts, joints, vertex_normals(verts, faces, vertex_faces, impl=impl)
+    if joint_basis is None:
+        joint_basis = _graphs.once("lbs.joint_basis", (j_regressor, v_template, dirs),
+                                   lambda: construct_joint_basis(j_regressor, v_template, dirs))
+    if faces is not None:
+        if vertex_faces is None:
+            vertex_faces = _graphs.once("lbs.vertex_faces", (faces,), lambda: construct_vertex_faces(faces, nv), nv)
+        _check("vertex_faces", vertex_faces, (nv, None), torch.int32, dev)
+        faces32 = _graphs.once("lbs.faces32", (faces,), lambda: faces.to(torch.int32).contiguous())
+
+    def run(c, p, tr, o=None):
+        v, j = _lbs_triton(c, p, v_template, dirs, posedirs, par, weights, tr, joint_basis, o)
+        return v, j, (None if faces is None else _vertex_normals_triton(v, faces32, vertex_faces))
+
+    if use_graph:
+        def finish(res):
+            v, j, nrm = res
+            return (out.copy_(v) if out is not None else v.clone()), j.clone(), (None if nrm is None else nrm.clone())
+
+        keep = (v_template, dirs, posedirs, weights, joint_basis) + (() if faces is None else (faces32, vertex_faces))
+        verts, joints, normals = GRAPHS.run(("lbs", tuple(par)), run, (coeffs, pose, translation), keep=keep,
+                                            finish=finish)
+    else:
+        verts, joints, normals = run(coeffs, pose, translation, out)
+    return (verts, joints) if faces is None else (verts, joints, normals)

@@ -369,11 +369,19 @@ def _pick_impl(impl, device: torch.device, what: str) -> str:
 
 
 def rasterize(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, width: int, *,
-              cull_backfaces: bool = True, near: float = 1e-4, impl: str | None = "auto") -> Fragments:
+              cull_backfaces: bool = True, near: float = 1e-4, impl: str | None = "auto",
+              graph: bool | None = None) -> Fragments:
     """Validating entry point; see the module docstring for semantics, shapes, cost and ``impl``.
 
     ``impl``: ``"auto"`` (None), ``"triton"``, ``"cpp"`` or ``"ref"``. Every implementation returns
     the same :class:`Fragments`.
+
+    ``graph`` (Triton path on CUDA): ``None`` (default) replays one CUDA graph per (shapes,
+    options, faces) from the second call of a shape on -- no host work but one read of the pair
+    count and the check flags -- where :func:`mvportrait.kernels._graphs.usable` allows it
+    (``MVP_CUDA_GRAPHS`` not 0); ``False`` launches the kernels directly; ``True`` requires the
+    graph (ValueError where it cannot be used). Same results either way, fresh tensors each call;
+    details in :func:`mvportrait.kernels.rasterize_triton._graphed`.
     """
     if not isinstance(verts_pix, torch.Tensor):
         raise TypeError(f"verts_pix must be a torch.Tensor, got {type(verts_pix).__name__}")
@@ -384,15 +392,23 @@ def rasterize(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, width: 
     height, width = _check_size("height", height), _check_size("width", width)
     if isinstance(near, bool) or not isinstance(near, (int, float)) or not (math.isfinite(near) and near > 0):
         raise ValueError(f"near must be a positive number, got {near!r}")
+    if graph not in (None, True, False):
+        raise ValueError(f"graph must be None, True or False, got {graph!r}")
     which = _pick_impl(impl, verts_pix.device, "rasterizer")
+    if graph and which != "triton":
+        raise ValueError(f"graph=True needs the Triton path (impl 'auto' or 'triton' with CUDA tensors), "
+                         f"got impl {which!r}")
     use_cpp = which == "cpp"
     # The C++ and Triton paths check finiteness and face indices themselves (same messages), in
     # their own passes over the data (Triton: read back in the call's one host sync).
-    faces = _check_faces(faces, verts_pix.shape[1], verts_pix.device, check_range=which == "ref")
+    checked = _check_faces(faces, verts_pix.shape[1], verts_pix.device, check_range=which == "ref")
     if which == "triton":
         from .rasterize_triton import rasterize_triton  # noqa: PLC0415
 
-        return rasterize_triton(verts_pix, faces, height, width, cull_backfaces=bool(cull_backfaces), near=float(near))
+        # faces as given (int32 or int64): no conversion per call, and a constant address for the graph
+        return rasterize_triton(verts_pix, faces, height, width, cull_backfaces=bool(cull_backfaces),
+                                near=float(near), graph=graph)
+    faces = checked
     if use_cpp:
         from . import cpu  # noqa: PLC0415
 
@@ -438,11 +454,12 @@ def interpolate(attrs: torch.Tensor, faces: torch.Tensor, frags: Fragments, *, i
     which = _pick_impl(impl, attrs.device, "interpolation")
     use_cpp = which == "cpp"
     # the C++ path checks finiteness, face indices and fragment face ids itself (same messages)
-    faces = _check_faces(faces, attrs.shape[1], attrs.device, check_range=which == "ref")
-    if which == "triton":
+    checked = _check_faces(faces, attrs.shape[1], attrs.device, check_range=which == "ref")
+    if which == "triton":  # faces as given (int32 or int64): the kernel reads both, no conversion per call
         from .rasterize_triton import interpolate_triton  # noqa: PLC0415
 
         return interpolate_triton(attrs, faces, frags)  # value checks in the kernel
+    faces = checked
     if use_cpp:
         from . import cpu  # noqa: PLC0415
 
@@ -462,11 +479,12 @@ def normal_map(normals: torch.Tensor, faces: torch.Tensor, frags: Fragments, *,
     _check_vertex_attrs("normals", normals, frags, channels=3)
     which = _pick_impl(impl, normals.device, "normal map")
     use_cpp = which == "cpp"
-    faces = _check_faces(faces, normals.shape[1], normals.device, check_range=which == "ref")
-    if which == "triton":
+    checked = _check_faces(faces, normals.shape[1], normals.device, check_range=which == "ref")
+    if which == "triton":  # faces as given (int32 or int64): the kernel reads both, no conversion per call
         from .rasterize_triton import normal_map_triton  # noqa: PLC0415
 
         return normal_map_triton(normals, faces, frags)  # value checks in the kernel
+    faces = checked
     if use_cpp:
         from . import cpu  # noqa: PLC0415
 

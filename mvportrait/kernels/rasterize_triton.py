@@ -19,14 +19,24 @@ Pipeline (one call of :func:`rasterize_triton`, N images of one mesh topology):
    triangle ``t = image * F + face`` keeps its slot, so no sync is needed here. Each program
    also runs the reference's value checks on its share of the input (every vertex finite, every
    face index in range) and writes a flag after the counts.
-2. Binning (torch + ``_raster_bin_kernel``): one ``cumsum`` over counts and flags, then the one
-   host sync of the call reads the total number of (triangle, tile) pairs ``E`` and the flags
-   (on a failure the reference's checks run and raise their message). The pair buffers are
-   allocated with exactly ``E`` entries -- sized from the actual counts, so no triangle is ever
-   dropped and there is no overflow path. ``_raster_bin_kernel`` writes each triangle's pairs at
-   its exclusive-prefix offset (int32 key = image * tiles + tile); a stable ``torch.sort`` by key
-   groups them per (image, tile) in ascending triangle id (the raster kernel reads the ids
-   through the sort's permutation), and ``searchsorted`` finds the list boundaries. No atomics.
+2. Binning (torch + ``_raster_bin_kernel``): one ``cumsum`` over counts and flags gives every
+   triangle's pair offset, the total number of (triangle, tile) pairs ``E`` and the count of
+   failed checks. ``_raster_bin_kernel`` writes each triangle's pairs at its exclusive-prefix
+   offset (int32 key = image * tiles + tile); a stable ``torch.sort`` by key groups them per
+   (image, tile) in ascending triangle id (the raster kernel reads the ids through the sort's
+   permutation), and ``searchsorted`` finds the list boundaries. No atomics. Two ways to size
+   the pair buffers:
+
+   * exact (:func:`rasterize_triton` off CUDA graphs, the reference behaviour): the one host
+     sync of the call reads ``E`` and the flags (on a failure the reference's checks run and
+     raise their message) and the buffers get exactly ``E`` entries -- nothing is ever dropped.
+   * capacity (:func:`rasterize_triton_no_sync`, what the CUDA graph replays): no host sync,
+     every shape independent of the data. The buffers hold a fixed ``capacity`` (keys prefilled
+     with ``INT32_MAX``, which the sort puts after every real key and ``searchsorted`` never
+     counts; the bin kernel masks writes past ``capacity``) and a (2,) int64 device tensor
+     ``stat = [E, failed checks]`` is returned for the caller to read afterwards. ``E <=
+     capacity`` and no failed check: bit-identical to the exact path; otherwise the result is
+     invalid and the caller reruns the exact path.
 3. ``_raster_tiles_kernel`` -- one launch, one program per (image, tile) of ``TILE_H x TILE_W``
    pixels (every view in the same grid): loops over the tile's list ``BLOCK_T`` triangles at a
    time ((pixels, BLOCK_T) blocks), evaluates the edge functions and the depth in float64 and
@@ -38,7 +48,21 @@ Pipeline (one call of :func:`rasterize_triton`, N images of one mesh topology):
 4. ``_interpolate_kernel`` -- one program per block of pixels: attributes of the winning face
    interpolated with the barycentrics (``interpolate``), or, with ``NORMAL``, interpolated,
    renormalised and RGB-encoded normals (``normal_map``), in one pass; the same kernel checks
-   the attribute values, face indices and fragment face ids (flags read back in one sync).
+   the attribute values, face indices and fragment face ids (flags reduced on the device and
+   read back as one value in one sync). Not graphed: the fragments it reads are new tensors every
+   call, so a graph would have to copy ~25 MB into its inputs to save one launch.
+
+CUDA graphs (:func:`_graphed`; the default of :func:`rasterize_triton` and of the public
+``rasterize`` for CUDA tensors, ``graph=False`` turns it off, as does ``MVP_CUDA_GRAPHS=0``): the
+first call of a (shapes, options) key runs the exact path and sets the capacity to a power of two
+>= 1.5 E (at least :data:`MIN_CAPACITY`); later calls replay one graph of steps 1-3 per (key,
+capacity, ``faces`` address) -- ``faces`` read in place as a constant, the vertices copied into
+the graph's input buffer -- then queue one clone of the outputs (the four Fragments are views
+of one buffer) and read ``stat``, the one host sync: per call the host does one input copy, one
+graph launch, one clone and that read. E > capacity: the exact path reruns the call and the
+capacity grows (the next call captures a graph of the new size); failed checks: the exact path
+reruns and raises. A capture that fails is reported once (RuntimeWarning by ``GraphCache``) and
+those shapes then run the capacity pipeline without a graph.
 
 Precision: all rasterization math in float64 (GPUs with a low float64 rate -- consumer cards
 run it at 1/64 of float32 -- are correspondingly slower). Interpolation runs in the attribute
@@ -54,7 +78,9 @@ the winner and writes ``8 + 3 s + s + 1`` bytes. Interpolation per pixel: reads 
 bytes and gathers ``3 C`` attributes, ~6 C FLOPs; the normal map adds ~15 FLOPs and writes 6 s
 bytes. The 9,976-face head seen by 4 views at 512^2: 18,392 of 39,904 triangles kept; E = 64k
 pairs with 8x8 tiles (38k with 16x16, 27k with 32x32), i.e. 4.1M pixel evaluations (9.8M, 28M)
-~ 0.2 GFLOP float64; ~25 MB of outputs.
+~ 0.2 GFLOP float64; ~25 MB of outputs. The graph path sorts its capacity C (a power of two in
+[1.5 E, 3 E), 131,072 for the head) instead of E keys, plus 12 bytes per padding key written, and
+copies the outputs once more (the clone: 2 x 25 MB moved for the head, ~12 us at 4 TB/s).
 
 Measured on an H200 (``bench_kernels.py --raster-sweep`` in ``benchmarks/gpu_suite.sh``, the tree of
 67f66e1; ``benchmarks/results/kernels_nvidia-h200.json`` and ``gpu_suite_h200.txt``), 4 x 512^2 of the
@@ -62,6 +88,8 @@ head, float32: public ``rasterize`` 0.645 ms p50 with 8x8 tiles / 2 triangles pe
 (``rasterize_triton`` alone 0.52 ms; 0.40 ms with 4 warps, now the default), 0.88 ms with the normal
 map, the reference 7.49 ms. GPU time per call: tiles 87 us, sort 41 us, interpolate 27 us, setup 14 us,
 bin 3 us; the rest is host time (launches, allocations, two device-to-host reads of bin counts).
+The graphed path has not been timed on a GPU yet (expected: the GPU time -- the sort then runs over
+the capacity, ~2x E -- plus one graph launch, one clone of ~25 MB and the read of ``stat``).
 """
 from __future__ import annotations
 
@@ -69,13 +97,15 @@ import math
 
 import torch
 
+from mvportrait.kernels import _graphs
 from mvportrait.kernels._triton import launcher, triton_available, triton_kernel
 
 # Imported on the first Triton call by ``_triton.launcher`` (which fills these in).
 triton = None
 tl = None
 
-__all__ = ["rasterize_triton", "interpolate_triton", "normal_map_triton", "triton_available", "TILE", "REC"]
+__all__ = ["rasterize_triton", "rasterize_triton_no_sync", "interpolate_triton", "normal_map_triton",
+           "triton_available", "TILE", "REC", "GRAPHS", "MIN_CAPACITY"]
 
 TILE = (8, 8)  # default tile (rows, columns) of the raster kernel on the GPU
 REC = 16  # float64 words per triangle record
@@ -178,9 +208,10 @@ def _raster_setup_kernel(verts_ptr, faces_ptr, near_ptr, rec_ptr, rect_ptr, cnt_
 
 
 @triton_kernel
-def _raster_bin_kernel(cnt_ptr, ends_ptr, rect_ptr, key_ptr, tri_ptr, NF, F, TX, TPI, BLOCK: tl.constexpr):
+def _raster_bin_kernel(cnt_ptr, ends_ptr, rect_ptr, key_ptr, tri_ptr, NF, F, TX, TPI, CAP, BLOCK: tl.constexpr):
     # One program per block of triangles: triangle t writes its cnt[t] pairs at ends[t] - cnt[t]:
-    # key = image * TPI + tile and t (both int32; the wrapper checks N * TPI and N * F fit).
+    # key = image * TPI + tile and t (both int32; the wrapper checks N * TPI and N * F fit). Pairs
+    # at positions >= CAP (the buffers' length) are dropped; the caller detects that from E > CAP.
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tm = t < NF
     cnt = tl.load(cnt_ptr + t, mask=tm, other=0)
@@ -190,7 +221,7 @@ def _raster_bin_kernel(cnt_ptr, ends_ptr, rect_ptr, key_ptr, tri_ptr, NF, F, TX,
     tw = tl.load(rect_ptr + t * 3 + 2, mask=tm, other=1)
     base = (t // F) * TPI
     for k in range(0, tl.max(cnt, axis=0)):
-        m = tm & (k < cnt)
+        m = tm & (k < cnt) & (start + k < CAP)
         dy = k // tw
         key = base + (ty0 + dy) * TX + tx0 + (k - dy * tw)
         tl.store(key_ptr + start + k, key, mask=m)
@@ -366,7 +397,7 @@ def _defaults(device: torch.device, tile, block_t, num_warps):
 
 def rasterize_triton(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, width: int, *,
                      cull_backfaces: bool = True, near: float = 1e-4, tile=None, block_t: int | None = None,
-                     num_warps: int | None = None, out=None):
+                     num_warps: int | None = None, out=None, graph: bool | None = None):
     """Triton rasterizer, same :class:`~mvportrait.kernels.rasterize.Fragments` as ``rasterize_ref``.
 
     ``verts_pix`` (N, Nv, 3) float (any float dtype; cast to float64 in the kernels), ``faces``
@@ -377,7 +408,51 @@ def rasterize_triton(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, 
     cols), powers of two), ``block_t`` (triangles per inner step) and ``num_warps`` are tuning
     knobs, defaults in :func:`_defaults`. ``out``: optional preallocated contiguous Fragments of
     the right shapes / dtypes (tests poison them); every element is written.
+
+    ``graph``: ``None`` (default) replays a CUDA graph of the no-sync pipeline where
+    :func:`mvportrait.kernels._graphs.usable` allows it (CUDA, ``MVP_CUDA_GRAPHS`` not 0, no input
+    that requires grad, no capture in progress) and N, F > 0; ``False`` never; ``True`` requires it
+    (ValueError where it cannot be used). Same results either way (see :func:`_graphed`).
     """
+    if graph not in (None, True, False):
+        raise ValueError(f"graph must be None, True or False, got {graph!r}")
+    use = (graph is not False and verts_pix.shape[0] > 0 and faces.shape[0] > 0
+           and _graphs.usable(verts_pix.device, (verts_pix,)))
+    if graph and not use:
+        raise ValueError("graph=True needs CUDA tensors, MVP_CUDA_GRAPHS=1, at least one image and one face, "
+                         "no input that requires grad and no CUDA graph capture in progress")
+    args = (height, width, bool(cull_backfaces), float(near), tile, block_t, num_warps)
+    if use:
+        return _graphed(verts_pix, faces, *args, out)
+    return _raster(verts_pix, faces, *args, out)[0]
+
+
+def rasterize_triton_no_sync(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, width: int, capacity: int,
+                             *, cull_backfaces: bool = True, near: float = 1e-4, tile=None, block_t: int | None = None,
+                             num_warps: int | None = None, out=None):
+    """:func:`rasterize_triton` with pair buffers of a fixed ``capacity`` and no host sync.
+
+    Every shape in it is independent of the data, so it can be captured in a CUDA graph. Returns
+    ``(frags, stat)``: ``stat`` a (2,) int64 device tensor ``[E, failed input checks]``. The
+    fragments are valid only when ``stat[0] <= capacity`` and ``stat[1] == 0`` -- the caller reads
+    ``stat`` afterwards and otherwise reruns :func:`rasterize_triton` (which raises the reference's
+    message for bad input): past ``capacity`` pairs are dropped (the writes are masked, no memory is
+    touched out of bounds). With ``capacity >= E`` the result is bit-identical to the exact path.
+    Extra cost over it: the sort runs over ``capacity`` keys (padding ``INT32_MAX``, sorted last).
+    Needs N, F >= 1; other arguments as for :func:`rasterize_triton`.
+    """
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= _INT32_MAX:
+        raise ValueError(f"capacity must be an int in [1, {_INT32_MAX}], got {capacity!r}")
+    if verts_pix.shape[0] == 0 or faces.shape[0] == 0:
+        raise ValueError(f"rasterize_triton_no_sync needs at least one image and one face, got "
+                         f"{verts_pix.shape[0]} images and {faces.shape[0]} faces")
+    return _raster(verts_pix, faces, height, width, bool(cull_backfaces), float(near), tile, block_t, num_warps,
+                   out, capacity)
+
+
+def _raster(verts_pix, faces, height, width, cull, near, tile, block_t, num_warps, out, capacity=None):
+    """The pipeline (module docstring). ``capacity`` None: pair buffers of exactly E after the
+    host sync, returns ``(frags, E)``; an int (N, F >= 1): no sync, returns ``(frags, stat)``."""
     from mvportrait.kernels.rasterize import Fragments  # noqa: PLC0415 -- rasterize imports us lazily
 
     dev, dtype = verts_pix.device, verts_pix.dtype
@@ -392,7 +467,7 @@ def rasterize_triton(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, 
         depth=torch.empty(n, height, width, dtype=dtype, device=dev),
         mask=torch.empty(n, height, width, dtype=torch.bool, device=dev))
     if n == 0:
-        return frags
+        return frags, 0
     if n * max(nf, 1) > _INT32_MAX or n * tpi >= _INT32_MAX:
         raise ValueError(f"{n} images x {nf} faces (or x {tpi} tiles) exceed the Triton rasterizer's int32 ids")
     verts = verts_pix.contiguous()
@@ -409,30 +484,112 @@ def rasterize_triton(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, 
         rect = torch.empty(n * nf, 3, dtype=torch.int32, device=dev)
         cnt = torch.empty(n * nf + n * g, dtype=torch.int32, device=dev)  # counts, then check flags
         launcher(_raster_setup_kernel, dev, "rasterize")[(g, n)](
-            verts, faces, _const("near", float(near), dev), rec, rect, cnt, n, nf, nv, height, width, tx,
-            CULL=bool(cull_backfaces), TILE_H=th, TILE_W=tw, BLOCK=block, VBLOCK=vblock, enable_fp_fusion=False)
+            verts, faces, _const("near", near, dev), rec, rect, cnt, n, nf, nv, height, width, tx,
+            CULL=cull, TILE_H=th, TILE_W=tw, BLOCK=block, VBLOCK=vblock, enable_fp_fusion=False)
         ends = cnt.cumsum(0)  # int64
-        vals = ends[n * nf - 1:].tolist()  # the one host sync: pair count, then the count of failed checks
-        total = vals[0]
-        if vals[-1] != total:
-            _reference_checks(verts_pix, faces)
-            raise ValueError("invalid rasterizer input")  # not reached: the reference checks raise
-    if total > _INT32_MAX:
+        if capacity is None:
+            vals = ends[n * nf - 1:].tolist()  # the one host sync: pair count, then the count of failed checks
+            total = vals[0]
+            if vals[-1] != total:
+                _reference_checks(verts_pix, faces)
+                raise ValueError("invalid rasterizer input")  # not reached: the reference checks raise
+        else:
+            stat = ends[n * nf - 1::n * g].clone()  # [E, E + failed checks]: the counts' end, the flags' end
+            stat[1:] -= stat[:1]
+    if capacity is None and total > _INT32_MAX:
         raise ValueError(f"{total} (triangle, tile) pairs exceed int32; use larger tiles or fewer images per call")
-    # pair buffers sized from the actual count: nothing is ever dropped, there is no overflow path
-    lists = torch.empty(max(total, 1), dtype=torch.int32, device=dev)
-    keys = torch.empty(total, dtype=torch.int32, device=dev)
-    order = lists.new_zeros((1,), dtype=torch.int64) if total == 0 else None
-    if total:
+    # exact: pair buffers sized from the actual count, nothing is dropped; capacity: fixed size,
+    # padding keys INT32_MAX (> every real key) sort last and are never read
+    size = total if capacity is None else capacity
+    lists = torch.empty(max(size, 1), dtype=torch.int32, device=dev)
+    keys = (torch.empty(size, dtype=torch.int32, device=dev) if capacity is None
+            else torch.full((size,), _INT32_MAX, dtype=torch.int32, device=dev))
+    order = lists.new_zeros((1,), dtype=torch.int64) if size == 0 else None
+    if size:
         block = 128 if dev.type == "cuda" else 4096
         launcher(_raster_bin_kernel, dev, "rasterize")[(_cdiv(n * nf, block),)](
-            cnt, ends, rect, keys, lists, n * nf, nf, tx, tpi, BLOCK=block)
+            cnt, ends, rect, keys, lists, n * nf, nf, tx, tpi, size, BLOCK=block)
         keys, order = torch.sort(keys, stable=True)  # grouped by (image, tile), ascending id within one
     starts = torch.searchsorted(keys, _const("arange", n * tpi + 1, dev))
     launcher(_raster_tiles_kernel, dev, "rasterize")[(n * tpi,)](
         rec, lists, order, starts, frags.tri_id, frags.bary, frags.depth, frags.mask.view(torch.uint8),
         nf, height, width, tx, tpi, TILE_H=th, TILE_W=tw, BLOCK_T=block_t, num_warps=num_warps,
         enable_fp_fusion=False)
+    return frags, (total if capacity is None else stat)
+
+
+# ----------------------------------------------------------------------------- CUDA graph path
+GRAPHS = _graphs.GraphCache("rasterize")  # one graph per (shapes, options, capacity, faces)
+MIN_CAPACITY = 4096  # smallest pair capacity of a graph (tests lower it to force the overflow path)
+_CAPACITY: dict = {}  # (shapes, options) -> pair capacity of its graphs, learned and grown
+
+
+def _capacity_for(total: int) -> int:
+    """A power of two >= 1.5 E (headroom for the next frames' meshes), at least MIN_CAPACITY."""
+    return min(max(MIN_CAPACITY, _next_pow2(math.ceil(1.5 * total))), _INT32_MAX)
+
+
+def _fragments(n, h, w, dtype, dev, buf=None):
+    """``(buf, Fragments)``: the four outputs as views of one byte buffer (256-byte aligned parts),
+    so the graph path clones its static outputs with one allocation and one copy."""
+    from mvportrait.kernels.rasterize import Fragments  # noqa: PLC0415
+
+    parts = ((torch.int64, (n, h, w)), (dtype, (n, h, w, 3)), (dtype, (n, h, w)), (torch.bool, (n, h, w)))
+    sizes = [math.prod(shape) * dt.itemsize for dt, shape in parts]
+    offs = [0]
+    for s in sizes:
+        offs.append(offs[-1] + _cdiv(s, 256) * 256)
+    if buf is None:
+        buf = torch.empty(offs[-1], dtype=torch.uint8, device=dev)
+    return buf, Fragments(*(buf[o:o + s].view(dt).view(shape) for o, s, (dt, shape) in zip(offs, sizes, parts)))
+
+
+def _graphed(verts_pix, faces, height, width, cull, near, tile, block_t, num_warps, out):
+    """:func:`rasterize_triton` through a CUDA graph of :func:`rasterize_triton_no_sync`.
+
+    The first call of a (shapes, options) key runs the exact path and sets the capacity to
+    :func:`_capacity_for` its E. Later calls replay the graph of (key, capacity, faces address)
+    (captured on first use by :class:`~mvportrait.kernels._graphs.GraphCache`, ``faces`` read in
+    place as a constant), queue the copy of the outputs (one clone, or copies into ``out``) and
+    then read ``stat`` -- the call's one host sync. E > capacity: the exact path reruns the call
+    and the capacity grows (the next call captures a graph of the new size); failed input
+    checks: the exact path reruns and raises the reference's message. Never returns a result
+    with dropped pairs, and never one that aliases the graph's buffers.
+    """
+    n, nv, _ = verts_pix.shape
+    dev = verts_pix.device
+    (th, tw), block_t, num_warps = _defaults(dev, tile, block_t, num_warps)
+    args = (height, width, cull, near, (th, tw), block_t, num_warps)
+    key = (n, nv, faces.shape[0], dev) + args
+    cap = _CAPACITY.get(key)
+    if cap is None:  # first call of these shapes: run directly, size the pair buffers from its E
+        frags, total = _raster(verts_pix, faces, *args, out)
+        _CAPACITY[key] = _capacity_for(total)
+        return frags
+    consts = (_const("near", near, dev), _const("arange", n * _cdiv(width, tw) * _cdiv(height, th) + 1, dev))
+    # faces are read in place (a constant, keyed by address); non-contiguous ones are copied in per call
+    inputs, keep = ((verts_pix,), (faces,) + consts) if faces.is_contiguous() else ((verts_pix, faces), consts)
+
+    def fn(v, f=faces):
+        buf, fr = _fragments(n, height, width, v.dtype, dev)
+        return buf, _raster(v, f, *args, fr, cap)[1]
+
+    def finish(res):
+        buf, stat = res
+        if out is None:
+            frags = _fragments(n, height, width, verts_pix.dtype, dev, buf.clone())[1]
+        else:
+            frags = out
+            src = _fragments(n, height, width, verts_pix.dtype, dev, buf)[1]
+            for name in ("tri_id", "bary", "depth", "mask"):
+                getattr(out, name).copy_(getattr(src, name))
+        total, bad = stat.tolist()  # the one host sync, after the copies were queued
+        return frags, total, bad
+
+    frags, total, bad = GRAPHS.run(key + (cap,), fn, inputs, keep=keep, finish=finish)
+    if bad or total > cap:  # bad input (the exact path raises the reference's message) or too many pairs
+        frags, total = _raster(verts_pix, faces, *args, out)
+        _CAPACITY[key] = max(cap, _capacity_for(total))
     return frags
 
 
@@ -449,9 +606,9 @@ def _interp(attrs, faces, frags, normal: bool, block_p: int | None, out=None, ch
     n, h, w = frags.tri_id.shape
     nv, c = attrs.shape[1], attrs.shape[2]
     dev = attrs.device
-    if out is None:
-        out = torch.empty(n, h, w, c, dtype=attrs.dtype, device=dev)
-        rgb = torch.empty_like(out) if normal else out
+    if out is None:  # one allocation for both outputs
+        both = torch.empty(2 if normal else 1, n, h, w, c, dtype=attrs.dtype, device=dev)
+        out, rgb = both[0], both[-1]
     else:
         out, rgb = out if normal else (out, out)
     p = n * h * w
@@ -466,7 +623,7 @@ def _interp(attrs, faces, frags, normal: bool, block_p: int | None, out=None, ch
         frags.mask.contiguous().view(torch.uint8), out, rgb, flags, p, h * w, nv, faces.shape[0], c, attrs.numel(),
         NORMAL=normal, F64=attrs.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c, ABLOCK=ablock,
         FBLOCK=fblock)
-    if check and any(flags.tolist()):  # one host sync; the reference checks give the message
+    if check and bool(flags.any()):  # one host sync (of one value); the reference checks give the message
         from mvportrait.kernels.rasterize import _check_faces, _check_ref_values  # noqa: PLC0415
 
         _check_faces(faces, nv, dev)

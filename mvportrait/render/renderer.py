@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from mvportrait import envs
+from mvportrait.kernels import _graphs
 from mvportrait.kernels import rasterize as rast
 from mvportrait.render.cameras import Cameras
 
@@ -146,7 +147,7 @@ def render(vertices: torch.Tensor, faces: torch.Tensor, cameras: Cameras, *, ver
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     verts = _normalise_vertices(vertices)  # (B, T, Nv, 3)
     b, t, nv, _ = verts.shape
-    faces = rast._check_faces(faces, nv, verts.device)
+    faces = _checked_faces(faces, nv, verts.device)
     cams = cameras.to(device=verts.device, dtype=verts.dtype)
     if len(cams.batch_shape) == 1:
         cams = cams.reshape(1, -1)
@@ -173,8 +174,9 @@ def render(vertices: torch.Tensor, faces: torch.Tensor, cameras: Cameras, *, ver
         return out
 
     # Per-view rotation to the display camera frame: flip OpenCV y and z.
-    flip = torch.tensor([1.0, -1.0, -1.0], dtype=verts.dtype, device=verts.device)
-    r_disp = (flip[:, None] * cams.R).expand(t_out, v, 3, 3).reshape(1, t_out, v, 3, 3)
+    r_flip = cams.R.clone()
+    r_flip[..., 1:, :] *= -1  # rows y, z negated, on the device (no host-to-device copy per call)
+    r_disp = r_flip.expand(t_out, v, 3, 3).reshape(1, t_out, v, 3, 3)
     nrm_w = vertex_normals(verts, faces)  # (B, T, Nv, 3) world
     # Rotate per vertex, then interpolate (linear, so the same as rotating every pixel): the
     # interpolation yields display-frame normals directly, with no per-pixel 3x3 products.
@@ -194,6 +196,14 @@ def render(vertices: torch.Tensor, faces: torch.Tensor, cameras: Cameras, *, ver
         bg = _as_rgb(background, "background", verts.dtype, verts.device)
         out.shaded = (col * intensity).clamp(0, 1) * m + bg * (1 - m)
     return out
+
+
+def _checked_faces(faces, nv: int, device) -> torch.Tensor:
+    """``faces`` checked (and made int64) once per content: the index-range check reads them back,
+    a device sync per call on a GPU."""
+    if not isinstance(faces, torch.Tensor):
+        return rast._check_faces(faces, nv, device)  # raises its TypeError
+    return _graphs.once("render.faces", (faces,), lambda: rast._check_faces(faces, nv, device), (nv, device))
 
 
 def _colors(vertex_colors, b, t, nv, verts) -> torch.Tensor:
