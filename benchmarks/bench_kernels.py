@@ -147,19 +147,24 @@ def bench_rasterize(dev, repeat, sync, sweep=False):
     def tri(impl, graph=None):
         return lambda: rast.rasterize(pix, faces, size, size, impl=impl, graph=graph)
 
-    def tri_nm(impl, graph=None):
+    def tri_nm(impl, graph=None):  # two public calls
         def run():
             frags = rast.rasterize(pix, faces, size, size, impl=impl, graph=graph)
             return rast.normal_map(normals, faces, frags, impl=impl)
         return run
 
+    def fused(impl, graph=None):  # the renderer's call: on CUDA one graph for both, one host read
+        return lambda: rast.rasterize_normal_map(pix, normals, faces, size, size, impl=impl, graph=graph)
+
     rows = []
     # "triton": the public call as the engine makes it (on CUDA a CUDA graph replay + one read of the
-    # pair count); "triton-nograph": the same kernels launched one by one, buffers sized exactly
+    # pair count; with the normal map: rasterize_normal_map, both in one graph); "triton-2calls": graphed
+    # rasterize, then normal_map; "triton-nograph": the same kernels launched one by one, buffers sized exactly
     cases = [("rasterize", "triton", tri("triton"), repeat),
              ("rasterize", "triton-nograph", tri("triton", False), repeat), ("rasterize", "torch-ref", tri("ref"), 5),
-             ("rasterize+normal_map", "triton", tri_nm("triton"), repeat),
-             ("rasterize+normal_map", "triton-nograph", tri_nm("triton", False), repeat),
+             ("rasterize+normal_map", "triton", fused("triton"), repeat),
+             ("rasterize+normal_map", "triton-2calls", tri_nm("triton"), repeat),
+             ("rasterize+normal_map", "triton-nograph", fused("triton", False), repeat),
              ("rasterize+normal_map", "torch-ref", tri_nm("ref"), 5)]
     with torch.inference_mode():
         for name, backend, fn, rep in cases:

@@ -17,7 +17,8 @@
 # (weights in float16 + training logs, split in 15 MB pieces: `cat stage2.tgz.part* | tar xz`).
 #
 #   bash benchmarks/gpu_suite.sh [--quick] [--train] [--no-tests] [--no-bench]
-# Environment: PYTHON (default python3), GPU_SUITE_BUDGET_S (default 555), MVP_TEXT_MODEL (a MiniLM
+# Environment: PYTHON (default python3), GPU_SUITE_BUDGET_S (default 555), RASTER_SWEEP=0 (no rasterizer
+# sweep), E2E_ONLY=engine (end to end: the engine alone, rows in e2e*_engine_gpu.json), MVP_TEXT_MODEL (a MiniLM
 # folder for the end-to-end stage 1; default .gpucarry/minilm, else the hashing encoder: the same
 # stage-1 networks, a cheaper text encoder), the S2_* / D2_* settings in gpu_train.sh. The device call:
 #   run(command="bash benchmarks/gpu_suite.sh --train", timeout_s=600)
@@ -129,33 +130,45 @@ if [ "$TRAIN" = 1 ]; then
     . benchmarks/gpu_train.sh   # defines and starts the background training jobs (bg ...)
 fi
 if [ "$TESTS" = 1 ]; then
-    # every kernel test (compiled on the GPU, full-size `gpu` cases included), then the other `gpu` tests
+    # the other `gpu` tests in the background, beside every kernel test (compiled on the GPU, full-size
+    # `gpu` cases included); correctness only, so sharing the GPU is fine
+    OMP_NUM_THREADS=2 bg pytest_gpu 90 $PY -m pytest tests -m gpu --ignore=tests/kernels -q -rs -p no:cacheprovider
     OMP_NUM_THREADS=2 step pytest_kernels 150 $PY -m pytest tests/kernels -q -rs -p no:cacheprovider $XDIST
-    OMP_NUM_THREADS=2 step pytest_gpu 60 $PY -m pytest tests -m gpu --ignore=tests/kernels -q -rs \
-        -p no:cacheprovider
 fi
-[ "$TRAIN" = 1 ] && { join; train_finish; }
+join
+[ "$TRAIN" = 1 ] && train_finish
 
 # ---- phase 2: benchmarks on an otherwise idle GPU
 if [ "$BENCH" = 1 ]; then
-    step bench_kernels 110 $PY benchmarks/bench_kernels.py --raster-sweep $QUICK
+    SWEEP=--raster-sweep; [ "${RASTER_SWEEP:-1}" = 0 ] && SWEEP=""
+    step bench_kernels 110 $PY benchmarks/bench_kernels.py $SWEEP $QUICK
     # end to end, naive vs engine in the same run (each pipeline in its own process): the shipped tiny
     # models (students when shipped), then sd15 with random weights at 4 views x 512x512 (the engine at
     # 1 consistency step: what a 1-step student costs; the naive pipeline at 25 DDIM steps x 2 calls).
+    # E2E_ONLY=engine: the engine alone (a re-run after a change that leaves the naive pipeline as it
+    # was), rows to e2e*_engine_gpu.json so the full run's naive + engine rows stay
+    ONLY=""
+    [ -n "${E2E_ONLY:-}" ] && ONLY="--only $E2E_ONLY"
     E2E_TEXT=${MVP_TEXT_MODEL:-$PWD/.gpucarry/minilm}
     [ -d "$E2E_TEXT" ] || E2E_TEXT=hashing
     # A run that fails on the fast kernels is retried once on the reference kernels (MVP_KERNELS=ref;
     # its rows say so), so a kernel bug still leaves end-to-end numbers.
     e2e() {  # e2e NAME LIMIT ARGS...
         local name=$1 limit=$2 rc; shift 2
-        step "$name" "$limit" $PY benchmarks/bench_e2e.py "$@" --device cuda --text-model "$E2E_TEXT"; rc=$?
+        step "$name" "$limit" $PY benchmarks/bench_e2e.py "$@" --device cuda --text-model "$E2E_TEXT" $ONLY; rc=$?
         if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ]; then  # not after a timeout
             MVP_KERNELS=ref step "${name}_refkernels" "$limit" $PY benchmarks/bench_e2e.py "$@" --device cuda \
-                --text-model "$E2E_TEXT"
+                --text-model "$E2E_TEXT" $ONLY
         fi
     }
-    e2e e2e_sd15 150 --preset sd15 --views 4 --size 512 --frames 14 --steps 1
-    e2e e2e_tiny 100 --preset tiny --views 4 --frames 20
+    if [ -n "${E2E_ONLY:-}" ]; then
+        e2e e2e_tiny 100 --preset tiny --views 4 --frames 20 --out benchmarks/results/e2e_${E2E_ONLY}_gpu.json
+        e2e e2e_sd15 150 --preset sd15 --views 4 --size 512 --frames 14 --steps 1 \
+            --out benchmarks/results/e2e_sd15_${E2E_ONLY}_gpu.json
+    else
+        e2e e2e_sd15 150 --preset sd15 --views 4 --size 512 --frames 14 --steps 1
+        e2e e2e_tiny 100 --preset tiny --views 4 --frames 20
+    fi
 fi
 
 echo "== done in $(now)s, status $status"

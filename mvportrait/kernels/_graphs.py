@@ -8,8 +8,8 @@ one host call.
 :class:`GraphCache` keeps one captured graph per key (shapes, dtypes, device and the addresses
 of the constant tensors the call reads, e.g. the FLAME blendshapes). A call copies its inputs
 into the graph's static input buffers, replays the graph and hands the static outputs to
-``finish`` (default: clone them, so results never alias the next replay), all under a lock and
-ordered after the previous replay on whatever stream the caller uses. Constant tensors are read
+``finish`` (default: clone them, so results never alias the next replay), all under a lock; a
+caller on another stream than the previous replay's first waits for that stream. Constant tensors are read
 at replay time through their addresses: in-place updates of them are seen, and the cache keeps
 a reference so their memory cannot be reused while a graph points at it. The captured function
 must not synchronise with the host (no ``.item()``, ``.tolist()``, data-dependent shapes); the
@@ -50,11 +50,11 @@ def _key_of(t: torch.Tensor | None):
 
 
 class _Entry:
-    __slots__ = ("graph", "inputs", "outputs", "keep", "done")
+    __slots__ = ("graph", "inputs", "outputs", "keep", "stream")
 
     def __init__(self, graph, inputs, outputs, keep):
         self.graph, self.inputs, self.outputs, self.keep = graph, inputs, outputs, keep
-        self.done = None  # event recorded after the last replay's outputs were consumed
+        self.stream = None  # the stream of the last replay
 
 
 class GraphCache:
@@ -106,16 +106,16 @@ class GraphCache:
                 self._entries[full_key] = entry
             else:
                 self._entries.move_to_end(full_key)
-                if entry.done is not None:
-                    stream.wait_event(entry.done)  # the previous replay (maybe another stream) is consumed
-                for dst, src in zip(entry.inputs, inputs):
-                    if dst is not None:
-                        dst.copy_(src)
+                if entry.stream is not None and entry.stream != stream:
+                    # the previous replay ran on another stream: wait until its outputs were consumed
+                    stream.wait_stream(entry.stream)
+                pairs = [(d, s) for d, s in zip(entry.inputs, inputs) if d is not None]
+                if pairs:
+                    torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])  # one dispatch
                 entry.graph.replay()
                 self.replays += 1
             result = finish(entry.outputs)
-            entry.done = torch.cuda.Event()
-            entry.done.record(stream)
+            entry.stream = stream
             return result
 
     def _capture(self, fn, inputs, keep) -> _Entry:
@@ -154,11 +154,12 @@ def once(tag: str, tensors: Sequence[torch.Tensor], fn: Callable, extra=()):
     For work on inputs that are constant across frames (FLAME parents, mesh faces, the joint
     basis of a blendshape set): value checks that read the tensor back to the host (a device
     sync per call on a GPU) and derived tables. The key is each tensor's address, shape, dtype,
-    device and version counter (in-place updates bump it, so they are seen); the cache keeps a
+    device and version counter (in-place updates bump it, so they are seen -- except for
+    inference tensors, which have no counter); the cache keeps a
     reference to the tensors so their addresses cannot be reused by other tensors while cached.
     Exceptions are not cached: a failing check raises on every call.
     """
-    key = (tag, extra) + tuple((t.data_ptr(), tuple(t.shape), t.dtype, t.device, t._version) for t in tensors)
+    key = (tag, extra) + tuple((t.data_ptr(), tuple(t.shape), t.dtype, t.device, _version(t)) for t in tensors)
     with _ONCE_LOCK:
         if key in _ONCE:
             _ONCE.move_to_end(key)
@@ -169,6 +170,12 @@ def once(tag: str, tensors: Sequence[torch.Tensor], fn: Callable, extra=()):
         while len(_ONCE) > _ONCE_MAX:
             _ONCE.popitem(last=False)
     return value
+
+
+def _version(t: torch.Tensor):
+    # inference tensors (made under torch.inference_mode) have no version counter: for them an
+    # in-place update inside inference mode is not noticed (constants are not updated that way)
+    return None if t.is_inference() else t._version
 
 
 def checked_once(tag: str, t: torch.Tensor, check: Callable[[torch.Tensor], object]):

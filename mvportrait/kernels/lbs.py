@@ -506,18 +506,30 @@ def lbs(coeffs, pose, v_template, dirs, posedirs, j_regressor, parents, weights,
         _check("vertex_faces", vertex_faces, (nv, None), torch.int32, dev)
         faces32 = _graphs.once("lbs.faces32", (faces,), lambda: faces.to(torch.int32).contiguous())
 
-    def run(c, p, tr, o=None):
-        v, j = _lbs_triton(c, p, v_template, dirs, posedirs, par, weights, tr, joint_basis, o)
-        return v, j, (None if faces is None else _vertex_normals_triton(v, faces32, vertex_faces))
-
     if use_graph:
+        sizes = [n * nv * 3, n * nj * 3] + ([] if faces is None else [n * nv * 3])
+        shapes = [(n, nv, 3), (n, nj, 3), (n, nv, 3)]
+
+        def packed(c, p, tr):  # every output in one buffer: the call then clones it in one copy
+            buf = torch.empty(sum(sizes), dtype=dt, device=dev)
+            parts = [x.view(shape) for x, shape in zip(buf.split(sizes), shapes)]
+            _, j = _lbs_triton(c, p, v_template, dirs, posedirs, par, weights, tr, joint_basis, parts[0])
+            parts[1].copy_(j)
+            if faces is not None:
+                _vertex_normals_triton(parts[0], faces32, vertex_faces, parts[2])
+            return (buf,)
+
         def finish(res):
-            v, j, nrm = res
-            return (out.copy_(v) if out is not None else v.clone()), j.clone(), (None if nrm is None else nrm.clone())
+            if out is None:
+                return [x.view(shape) for x, shape in zip(res[0].clone().split(sizes), shapes)]
+            out.copy_(res[0][:sizes[0]].view(shapes[0]))
+            return [out] + [x.view(shape) for x, shape in zip(res[0][sizes[0]:].clone().split(sizes[1:]), shapes[1:])]
 
         keep = (v_template, dirs, posedirs, weights, joint_basis) + (() if faces is None else (faces32, vertex_faces))
-        verts, joints, normals = GRAPHS.run(("lbs", tuple(par)), run, (coeffs, pose, translation), keep=keep,
-                                            finish=finish)
+        res = GRAPHS.run(("lbs", tuple(par)), packed, (coeffs, pose, translation), keep=keep, finish=finish)
+        verts, joints, normals = res[0], res[1], (res[2] if faces is not None else None)
     else:
-        verts, joints, normals = run(coeffs, pose, translation, out)
+        verts, joints = _lbs_triton(coeffs, pose, v_template, dirs, posedirs, par, weights, translation,
+                                    joint_basis, out)
+        normals = None if faces is None else _vertex_normals_triton(verts, faces32, vertex_faces)
     return (verts, joints) if faces is None else (verts, joints, normals)

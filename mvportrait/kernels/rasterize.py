@@ -50,7 +50,8 @@ Measured (CPU, 1 thread): 9,800 faces / 4,902 vertices, 4 views at 256^2: ~0.05 
 1024^2 fully covered by two triangles: ~1.3 s.
 
 This module holds the reference (``rasterize_ref`` / ``interpolate_ref``) and the validating
-entry points (``rasterize`` / ``interpolate``), which dispatch on ``impl``:
+entry points (``rasterize`` / ``interpolate`` / ``normal_map``, and ``rasterize_normal_map`` =
+``rasterize`` then ``normal_map`` in one call), which dispatch on ``impl``:
 
 * ``"ref"``: the PyTorch reference (any device).
 * ``"cpp"``: the C++ CPU kernels in :mod:`mvportrait.kernels.cpu` (pybind11 extension built by
@@ -67,9 +68,11 @@ entry points (``rasterize`` / ``interpolate``), which dispatch on ``impl``:
   (triangle setup, binning to 8x8-pixel tiles by sort, one launch over (image, tile) for every
   view, a fused interpolation / normal-map pass). Same float64 operations as the reference with
   no fused multiply-adds, so triangle ids, coverage and depth match it exactly (ties included);
-  one host sync per call (the pair count, read with the input checks). CUDA tensors, or CPU
-  tensors under the Triton interpreter (``TRITON_INTERPRET=1``; tests only). Measured on an
-  H200: 4 views x 512^2 of the head in ~0.45 ms vs ~4 ms for the reference on the same GPU.
+  one host sync per call (the pair count, read with the input checks). On CUDA the public calls
+  replay CUDA graphs; ``rasterize_normal_map`` replays the rasterizer and the normal map as one
+  graph with one host read. CUDA tensors, or CPU tensors under the Triton interpreter
+  (``TRITON_INTERPRET=1``; tests only). Measured on an H200: 4 views x 512^2 of the head in
+  ~0.45 ms vs ~4 ms for the reference on the same GPU (graphed: 0.29 ms).
 * ``"auto"`` (default): Triton for CUDA tensors when triton is installed (else the reference);
   C++ for CPU tensors when the extension is built, else the reference.
 
@@ -84,7 +87,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["Fragments", "rasterize_ref", "interpolate_ref", "normal_map_ref", "rasterize", "interpolate",
-           "normal_map", "IMPLS"]
+           "normal_map", "rasterize_normal_map", "IMPLS"]
 
 _WORK = torch.float64
 IMPLS = ("auto", "triton", "cpp", "ref")
@@ -383,6 +386,29 @@ def rasterize(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, width: 
     graph (ValueError where it cannot be used). Same results either way, fresh tensors each call;
     details in :func:`mvportrait.kernels.rasterize_triton._graphed`.
     """
+    which, checked = _rasterize_checks(verts_pix, faces, height, width, near, impl, graph)
+    return _rasterize(which, checked, verts_pix, faces, height, width, cull_backfaces, near, graph)
+
+
+def _rasterize(which, checked, verts_pix, faces, height, width, cull_backfaces, near, graph) -> Fragments:
+    if which == "triton":
+        from .rasterize_triton import rasterize_triton  # noqa: PLC0415
+
+        # faces as given (int32 or int64): no conversion per call, and a constant address for the graph
+        return rasterize_triton(verts_pix, faces, height, width, cull_backfaces=bool(cull_backfaces),
+                                near=float(near), graph=graph)
+    faces = checked
+    if which == "cpp":
+        from . import cpu  # noqa: PLC0415
+
+        return cpu.rasterize(verts_pix, faces, height, width, cull_backfaces=bool(cull_backfaces), near=float(near))
+    if not torch.isfinite(verts_pix).all():
+        raise ValueError("verts_pix contains NaN or infinite values")
+    return rasterize_ref(verts_pix, faces, height, width, cull_backfaces=bool(cull_backfaces), near=float(near))
+
+
+def _rasterize_checks(verts_pix, faces, height, width, near, impl, graph):
+    """:func:`rasterize`'s argument checks; returns (the implementation that runs, the checked faces)."""
     if not isinstance(verts_pix, torch.Tensor):
         raise TypeError(f"verts_pix must be a torch.Tensor, got {type(verts_pix).__name__}")
     if verts_pix.dim() != 3 or verts_pix.shape[-1] != 3:
@@ -398,24 +424,9 @@ def rasterize(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, width: 
     if graph and which != "triton":
         raise ValueError(f"graph=True needs the Triton path (impl 'auto' or 'triton' with CUDA tensors), "
                          f"got impl {which!r}")
-    use_cpp = which == "cpp"
     # The C++ and Triton paths check finiteness and face indices themselves (same messages), in
     # their own passes over the data (Triton: read back in the call's one host sync).
-    checked = _check_faces(faces, verts_pix.shape[1], verts_pix.device, check_range=which == "ref")
-    if which == "triton":
-        from .rasterize_triton import rasterize_triton  # noqa: PLC0415
-
-        # faces as given (int32 or int64): no conversion per call, and a constant address for the graph
-        return rasterize_triton(verts_pix, faces, height, width, cull_backfaces=bool(cull_backfaces),
-                                near=float(near), graph=graph)
-    faces = checked
-    if use_cpp:
-        from . import cpu  # noqa: PLC0415
-
-        return cpu.rasterize(verts_pix, faces, height, width, cull_backfaces=bool(cull_backfaces), near=float(near))
-    if not torch.isfinite(verts_pix).all():
-        raise ValueError("verts_pix contains NaN or infinite values")
-    return rasterize_ref(verts_pix, faces, height, width, cull_backfaces=bool(cull_backfaces), near=float(near))
+    return which, _check_faces(faces, verts_pix.shape[1], verts_pix.device, check_range=which == "ref")
 
 
 def _check_vertex_attrs(name: str, t, frags, channels: int | None = None) -> None:
@@ -491,3 +502,28 @@ def normal_map(normals: torch.Tensor, faces: torch.Tensor, frags: Fragments, *,
         return cpu.normal_map(normals, faces, frags)
     _check_ref_values(normals, faces, frags, "normals contain NaN or infinite values")
     return normal_map_ref(normals, faces, frags)
+
+
+def rasterize_normal_map(verts_pix: torch.Tensor, normals: torch.Tensor, faces: torch.Tensor, height: int,
+                         width: int, *, cull_backfaces: bool = True, near: float = 1e-4, impl: str | None = "auto",
+                         graph: bool | None = None) -> tuple[Fragments, torch.Tensor, torch.Tensor]:
+    """``(frags, unit, rgb)``: :func:`rasterize` and :func:`normal_map` of ``normals`` on its fragments.
+
+    The same results, checks and error messages as ``frags = rasterize(verts_pix, faces, height,
+    width, ...)`` followed by ``unit, rgb = normal_map(normals, faces, frags, impl=impl)``, for every
+    ``impl`` (``"ref"`` / ``"cpp"`` run exactly those two calls). On the Triton path with CUDA graphs
+    (``graph`` as for :func:`rasterize`) one graph replays the rasterizer and the normal-map pass,
+    the check flags of both are reduced on the device and read back in the call's one host sync,
+    and the outputs are cloned out of the graph with one allocation and one copy -- the per-frame
+    host cost of ``rasterize`` alone (see :func:`mvportrait.kernels.rasterize_triton._graphed`).
+    """
+    which, checked = _rasterize_checks(verts_pix, faces, height, width, near, impl, graph)
+    if (which == "triton" and isinstance(normals, torch.Tensor) and normals.dim() == 3
+            and normals.shape[0] == verts_pix.shape[0] and normals.shape[2] == 3 and normals.is_floating_point()
+            and normals.device == verts_pix.device):  # else the two calls (and their messages, in order)
+        from .rasterize_triton import rasterize_normal_map_triton  # noqa: PLC0415
+
+        return rasterize_normal_map_triton(verts_pix, normals, faces, height, width,
+                                           cull_backfaces=bool(cull_backfaces), near=float(near), graph=graph)
+    frags = _rasterize(which, checked, verts_pix, faces, height, width, cull_backfaces, near, graph)
+    return (frags, *normal_map(normals, faces, frags, impl=impl))

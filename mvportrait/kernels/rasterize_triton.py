@@ -48,21 +48,27 @@ Pipeline (one call of :func:`rasterize_triton`, N images of one mesh topology):
 4. ``_interpolate_kernel`` -- one program per block of pixels: attributes of the winning face
    interpolated with the barycentrics (``interpolate``), or, with ``NORMAL``, interpolated,
    renormalised and RGB-encoded normals (``normal_map``), in one pass; the same kernel checks
-   the attribute values, face indices and fragment face ids (flags reduced on the device and
-   read back as one value in one sync). Not graphed: the fragments it reads are new tensors every
-   call, so a graph would have to copy ~25 MB into its inputs to save one launch.
+   the attribute values, face indices and fragment face ids (one flag per program). Called
+   alone (:func:`interpolate_triton`, :func:`normal_map_triton`) the flags are reduced on the
+   device and read back as one value in one sync, not graphed: the fragments it reads are new
+   tensors every call, so a graph would have to copy ~25 MB into its inputs to save one launch.
+   :func:`rasterize_normal_map_triton` (the public ``rasterize_normal_map``) runs it right after
+   step 3 on the fragments just written, inside the same graph.
 
-CUDA graphs (:func:`_graphed`; the default of :func:`rasterize_triton` and of the public
-``rasterize`` for CUDA tensors, ``graph=False`` turns it off, as does ``MVP_CUDA_GRAPHS=0``): the
-first call of a (shapes, options) key runs the exact path and sets the capacity to a power of two
->= 1.5 E (at least :data:`MIN_CAPACITY`); later calls replay one graph of steps 1-3 per (key,
-capacity, ``faces`` address) -- ``faces`` read in place as a constant, the vertices copied into
-the graph's input buffer -- then queue one clone of the outputs (the four Fragments are views
-of one buffer) and read ``stat``, the one host sync: per call the host does one input copy, one
+CUDA graphs (:func:`_graphed`; the default of :func:`rasterize_triton`,
+:func:`rasterize_normal_map_triton` and the public ``rasterize`` / ``rasterize_normal_map`` for
+CUDA tensors, ``graph=False`` turns it off, as does ``MVP_CUDA_GRAPHS=0``): the first call of a
+(shapes, options) key runs the exact path and sets the capacity to a multiple of 4096 >= 1.25 E
+(at least :data:`MIN_CAPACITY`); later calls replay one graph of steps 1-3 (with the normal map:
+1-4, the normal-map flags summed on the device into ``stat = [E, failed raster checks, failed
+normal-map checks]``) per (key, capacity, ``faces`` address, normal map or not) -- ``faces`` read
+in place as a constant, the vertices (and normals) copied into the graph's input buffers -- then
+queue one clone of the outputs (the four Fragments, and ``unit`` / ``rgb``, are views of one
+buffer) and read ``stat``, the one host sync: per call the host does one copy per input, one
 graph launch, one clone and that read. E > capacity: the exact path reruns the call and the
 capacity grows (the next call captures a graph of the new size); failed checks: the exact path
-reruns and raises. A capture that fails is reported once (RuntimeWarning by ``GraphCache``) and
-those shapes then run the capacity pipeline without a graph.
+(rasterize, then the normal map) reruns and raises. A capture that fails is reported once
+(RuntimeWarning by ``GraphCache``) and those shapes then run the capacity pipeline without a graph.
 
 Precision: all rasterization math in float64 (GPUs with a low float64 rate -- consumer cards
 run it at 1/64 of float32 -- are correspondingly slower). Interpolation runs in the attribute
@@ -78,9 +84,10 @@ the winner and writes ``8 + 3 s + s + 1`` bytes. Interpolation per pixel: reads 
 bytes and gathers ``3 C`` attributes, ~6 C FLOPs; the normal map adds ~15 FLOPs and writes 6 s
 bytes. The 9,976-face head seen by 4 views at 512^2: 18,392 of 39,904 triangles kept; E = 64k
 pairs with 8x8 tiles (38k with 16x16, 27k with 32x32), i.e. 4.1M pixel evaluations (9.8M, 28M)
-~ 0.2 GFLOP float64; ~25 MB of outputs. The graph path sorts its capacity C (a power of two in
-[1.5 E, 3 E), 131,072 for the head) instead of E keys, plus 12 bytes per padding key written, and
-copies the outputs once more (the clone: 2 x 25 MB moved for the head, ~12 us at 4 TB/s).
+~ 0.2 GFLOP float64; ~25 MB of outputs (+25 MB for the float32 normal map). The graph path sorts
+its capacity C (a multiple of 4096 in [1.25 E, 1.25 E + 4096), 81,920 for the head's 64k pairs)
+instead of E keys, plus 12 bytes per padding key written, and copies the outputs once more (the
+clone: 2 x 25 MB moved for the head, ~12 us at 4 TB/s; 2 x 50 MB with the normal map).
 
 Measured on an H200 (``bench_kernels.py --raster-sweep`` in ``benchmarks/gpu_suite.sh``, the tree of
 67f66e1; ``benchmarks/results/kernels_nvidia-h200.json`` and ``gpu_suite_h200.txt``), 4 x 512^2 of the
@@ -88,8 +95,10 @@ head, float32: public ``rasterize`` 0.645 ms p50 with 8x8 tiles / 2 triangles pe
 (``rasterize_triton`` alone 0.52 ms; 0.40 ms with 4 warps, now the default), 0.88 ms with the normal
 map, the reference 7.49 ms. GPU time per call: tiles 87 us, sort 41 us, interpolate 27 us, setup 14 us,
 bin 3 us; the rest is host time (launches, allocations, two device-to-host reads of bin counts).
-The graphed path has not been timed on a GPU yet (expected: the GPU time -- the sort then runs over
-the capacity, ~2x E -- plus one graph launch, one clone of ~25 MB and the read of ``stat``).
+Graphed (H200, same scene, capacity then a power of two >= 1.5 E): public ``rasterize`` 0.290 ms,
+``rasterize`` + ``normal_map`` 0.586 ms (the separate normal-map call: a launch, allocations and a
+flag sync, ~0.3 ms of host time). ``rasterize_normal_map`` runs both in one graph with one host read
+(target < 0.3 ms); not yet timed on a GPU.
 """
 from __future__ import annotations
 
@@ -104,8 +113,8 @@ from mvportrait.kernels._triton import launcher, triton_available, triton_kernel
 triton = None
 tl = None
 
-__all__ = ["rasterize_triton", "rasterize_triton_no_sync", "interpolate_triton", "normal_map_triton",
-           "triton_available", "TILE", "REC", "GRAPHS", "MIN_CAPACITY"]
+__all__ = ["rasterize_triton", "rasterize_triton_no_sync", "rasterize_normal_map_triton", "interpolate_triton",
+           "normal_map_triton", "triton_available", "TILE", "REC", "GRAPHS", "MIN_CAPACITY"]
 
 TILE = (8, 8)  # default tile (rows, columns) of the raster kernel on the GPU
 REC = 16  # float64 words per triangle record
@@ -450,6 +459,32 @@ def rasterize_triton_no_sync(verts_pix: torch.Tensor, faces: torch.Tensor, heigh
                    out, capacity)
 
 
+def rasterize_normal_map_triton(verts_pix: torch.Tensor, normals: torch.Tensor, faces: torch.Tensor, height: int,
+                                width: int, *, cull_backfaces: bool = True, near: float = 1e-4, tile=None,
+                                block_t: int | None = None, num_warps: int | None = None, graph: bool | None = None):
+    """``(frags, unit, rgb)``: :func:`rasterize_triton` then :func:`normal_map_triton` on its fragments.
+
+    Same results (and messages for bad input) as those two calls. ``normals`` (N, Nv', 3) float on
+    the vertices' device; shapes and types are the caller's to check (the public
+    ``rasterize_normal_map``). ``graph`` as for :func:`rasterize_triton`: where graphs are used,
+    one CUDA graph replays the rasterizer's no-sync pipeline and the normal-map pass, and the call
+    does one host read (:func:`_graphed`); otherwise (and for normals that require grad) the two
+    calls run as they are.
+    """
+    if graph not in (None, True, False):
+        raise ValueError(f"graph must be None, True or False, got {graph!r}")
+    use = (graph is not False and verts_pix.shape[0] > 0 and faces.shape[0] > 0
+           and _graphs.usable(verts_pix.device, (verts_pix,)))
+    if graph and not use:
+        raise ValueError("graph=True needs CUDA tensors, MVP_CUDA_GRAPHS=1, at least one image and one face, "
+                         "no input that requires grad and no CUDA graph capture in progress")
+    args = (height, width, bool(cull_backfaces), float(near), tile, block_t, num_warps)
+    if use and _graphs.usable(verts_pix.device, (normals,)):
+        return _graphed(verts_pix, faces, *args, None, normals)
+    frags = _graphed(verts_pix, faces, *args, None) if use else _raster(verts_pix, faces, *args, None)[0]
+    return (frags, *_interp(normals, faces, frags, True, None)[:2])
+
+
 def _raster(verts_pix, faces, height, width, cull, near, tile, block_t, num_warps, out, capacity=None):
     """The pipeline (module docstring). ``capacity`` None: pair buffers of exactly E after the
     host sync, returns ``(frags, E)``; an int (N, F >= 1): no sync, returns ``(frags, stat)``."""
@@ -525,72 +560,88 @@ _CAPACITY: dict = {}  # (shapes, options) -> pair capacity of its graphs, learne
 
 
 def _capacity_for(total: int) -> int:
-    """A power of two >= 1.5 E (headroom for the next frames' meshes), at least MIN_CAPACITY."""
-    return min(max(MIN_CAPACITY, _next_pow2(math.ceil(1.5 * total))), _INT32_MAX)
+    """A multiple of 4096 >= 1.25 E (headroom for the next frames' meshes), at least MIN_CAPACITY."""
+    return min(max(MIN_CAPACITY, _cdiv(_cdiv(5 * total, 4), 4096) * 4096), _INT32_MAX)
 
 
-def _fragments(n, h, w, dtype, dev, buf=None):
+def _fragments(n, h, w, dtype, dev, buf=None, normal_dtype=None):
     """``(buf, Fragments)``: the four outputs as views of one byte buffer (256-byte aligned parts),
-    so the graph path clones its static outputs with one allocation and one copy."""
+    so the graph path clones its static outputs with one allocation and one copy. With
+    ``normal_dtype``: ``(buf, Fragments, unit, rgb)``, the normal map's (N, H, W, 3) outputs in it too."""
     from mvportrait.kernels.rasterize import Fragments  # noqa: PLC0415
 
     parts = ((torch.int64, (n, h, w)), (dtype, (n, h, w, 3)), (dtype, (n, h, w)), (torch.bool, (n, h, w)))
+    parts += ((normal_dtype, (n, h, w, 3)),) * 2 if normal_dtype is not None else ()
     sizes = [math.prod(shape) * dt.itemsize for dt, shape in parts]
     offs = [0]
     for s in sizes:
         offs.append(offs[-1] + _cdiv(s, 256) * 256)
     if buf is None:
         buf = torch.empty(offs[-1], dtype=torch.uint8, device=dev)
-    return buf, Fragments(*(buf[o:o + s].view(dt).view(shape) for o, s, (dt, shape) in zip(offs, sizes, parts)))
+    views = [buf[o:o + s].view(dt).view(shape) for o, s, (dt, shape) in zip(offs, sizes, parts)]
+    return (buf, Fragments(*views[:4]), *views[4:])
 
 
-def _graphed(verts_pix, faces, height, width, cull, near, tile, block_t, num_warps, out):
-    """:func:`rasterize_triton` through a CUDA graph of :func:`rasterize_triton_no_sync`.
+def _graphed(verts_pix, faces, height, width, cull, near, tile, block_t, num_warps, out, normals=None):
+    """:func:`rasterize_triton` through a CUDA graph of :func:`rasterize_triton_no_sync`; with
+    ``normals``, :func:`rasterize_normal_map_triton`: the graph also runs the normal map.
 
     The first call of a (shapes, options) key runs the exact path and sets the capacity to
-    :func:`_capacity_for` its E. Later calls replay the graph of (key, capacity, faces address)
-    (captured on first use by :class:`~mvportrait.kernels._graphs.GraphCache`, ``faces`` read in
-    place as a constant), queue the copy of the outputs (one clone, or copies into ``out``) and
-    then read ``stat`` -- the call's one host sync. E > capacity: the exact path reruns the call
-    and the capacity grows (the next call captures a graph of the new size); failed input
-    checks: the exact path reruns and raises the reference's message. Never returns a result
-    with dropped pairs, and never one that aliases the graph's buffers.
+    :func:`_capacity_for` its E. Later calls replay the graph of (key, capacity, faces address,
+    normal map or not) (captured on first use by :class:`~mvportrait.kernels._graphs.GraphCache`,
+    ``faces`` read in place as a constant, the vertices and normals copied in), queue the copy of
+    the outputs (one clone of the buffer holding them all, or copies into ``out``) and then read
+    ``stat`` -- the call's one host sync: ``[E, failed input checks]``, plus the count of failed
+    normal-map checks (flags reduced on the device). E > capacity: the exact path reruns the call
+    and the capacity grows (the next call captures a graph of the new size); failed checks: the
+    exact path reruns and raises the message of ``rasterize`` / ``normal_map``. Never returns a
+    result with dropped pairs, and never one that aliases the graph's buffers.
     """
     n, nv, _ = verts_pix.shape
     dev = verts_pix.device
     (th, tw), block_t, num_warps = _defaults(dev, tile, block_t, num_warps)
     args = (height, width, cull, near, (th, tw), block_t, num_warps)
     key = (n, nv, faces.shape[0], dev) + args
+    nmap = normals is not None
+    ndt = normals.dtype if nmap else None
     cap = _CAPACITY.get(key)
+
+    def exact():  # the direct calls (exact pair buffers, host-synced checks: raise on bad input), which
+        frags, total = _raster(verts_pix, faces, *args, out)  # set or grow the capacity from their E
+        _CAPACITY[key] = max(cap or 0, _capacity_for(total))
+        return (frags, *_interp(normals, faces, frags, True, None)[:2]) if nmap else frags
+
     if cap is None:  # first call of these shapes: run directly, size the pair buffers from its E
-        frags, total = _raster(verts_pix, faces, *args, out)
-        _CAPACITY[key] = _capacity_for(total)
-        return frags
+        return exact()
     consts = (_const("near", near, dev), _const("arange", n * _cdiv(width, tw) * _cdiv(height, th) + 1, dev))
     # faces are read in place (a constant, keyed by address); non-contiguous ones are copied in per call
-    inputs, keep = ((verts_pix,), (faces,) + consts) if faces.is_contiguous() else ((verts_pix, faces), consts)
+    fc = faces.is_contiguous()
+    inputs, keep = (verts_pix, normals, None if fc else faces), ((faces,) if fc else ()) + consts
 
-    def fn(v, f=faces):
-        buf, fr = _fragments(n, height, width, v.dtype, dev)
-        return buf, _raster(v, f, *args, fr, cap)[1]
+    def fn(v, nm, f):
+        f = faces if f is None else f
+        buf, fr, *nmo = _fragments(n, height, width, v.dtype, dev, None, ndt)
+        stat = _raster(v, f, *args, fr, cap)[1]
+        if nmap:  # the normal map's check flags reduced into stat: still one host read
+            flags = _interp(nm, f, fr, True, None, tuple(nmo), check=False)[2]
+            stat = torch.cat((stat, (flags != 0).sum(0, keepdim=True)))
+        return buf, stat
 
     def finish(res):
         buf, stat = res
         if out is None:
-            frags = _fragments(n, height, width, verts_pix.dtype, dev, buf.clone())[1]
+            outs = _fragments(n, height, width, verts_pix.dtype, dev, buf.clone(), ndt)[1:]
         else:
-            frags = out
+            outs = (out,)
             src = _fragments(n, height, width, verts_pix.dtype, dev, buf)[1]
             for name in ("tri_id", "bary", "depth", "mask"):
                 getattr(out, name).copy_(getattr(src, name))
-        total, bad = stat.tolist()  # the one host sync, after the copies were queued
-        return frags, total, bad
+        total, *bad = stat.tolist()  # the one host sync, after the copies were queued
+        return (outs if nmap else outs[0]), total, any(bad)
 
-    frags, total, bad = GRAPHS.run(key + (cap,), fn, inputs, keep=keep, finish=finish)
-    if bad or total > cap:  # bad input (the exact path raises the reference's message) or too many pairs
-        frags, total = _raster(verts_pix, faces, *args, out)
-        _CAPACITY[key] = max(cap, _capacity_for(total))
-    return frags
+    res, total, bad = GRAPHS.run(key + (cap, nmap), fn, inputs, keep=keep, finish=finish)
+    # bad input (the direct calls raise the reference's message) or too many pairs
+    return exact() if bad or total > cap else res
 
 
 def _reference_checks(verts_pix, faces):
@@ -603,6 +654,7 @@ def _reference_checks(verts_pix, faces):
 
 
 def _interp(attrs, faces, frags, normal: bool, block_p: int | None, out=None, check: bool = True):
+    """``(out, rgb, flags)``; ``check``: read the flags back (one host sync) and raise on a failure."""
     n, h, w = frags.tri_id.shape
     nv, c = attrs.shape[1], attrs.shape[2]
     dev = attrs.device
@@ -630,7 +682,7 @@ def _interp(attrs, faces, frags, normal: bool, block_p: int | None, out=None, ch
         _check_ref_values(attrs, faces, frags, ("normals contain" if normal else "attrs contains")
                           + " NaN or infinite values")
         raise ValueError("invalid fragments")  # tri_id < 0 where mask is set: not produced by rasterize
-    return out, rgb
+    return out, rgb, flags
 
 
 def interpolate_triton(attrs: torch.Tensor, faces: torch.Tensor, frags, *, block_p: int | None = None, out=None,
@@ -652,4 +704,4 @@ def normal_map_triton(normals: torch.Tensor, faces: torch.Tensor, frags, *, bloc
     Returns ``(unit, rgb)``, each (N, H, W, 3) in the dtype of ``normals``. Checks and ``out`` (a
     ``(unit, rgb)`` pair) as for :func:`interpolate_triton`.
     """
-    return _interp(normals, faces, frags, True, block_p, out, check)
+    return _interp(normals, faces, frags, True, block_p, out, check)[:2]

@@ -161,28 +161,32 @@ def render(vertices: torch.Tensor, faces: torch.Tensor, cameras: Cameras, *, ver
 
     # (B, T, 1, Nv, 3) against cameras (T, V) -> (B, T, V, Nv, 3) -> N = B*T*V images
     pix = cams.project(verts[:, :, None].expand(b, t_out, 1, nv, 3)).reshape(-1, nv, 3)
-    frags = rast.rasterize(pix, faces, h, w, cull_backfaces=True, near=near, impl=impl)
     n = pix.shape[0]
     shape = (b, t_out, v, h, w)
+    shading = "normal" in modes or "shaded" in modes
+    if shading:
+        # Per-view rotation to the display camera frame: flip OpenCV y and z.
+        r_flip = cams.R.clone()
+        r_flip[..., 1:, :] *= -1  # rows y, z negated, on the device (no host-to-device copy per call)
+        r_disp = r_flip.expand(t_out, v, 3, 3).reshape(1, t_out, v, 3, 3)
+        nrm_w = vertex_normals(verts, faces)  # (B, T, Nv, 3) world
+        # Rotate per vertex, then interpolate (linear, so the same as rotating every pixel): the
+        # interpolation yields display-frame normals directly, with no per-pixel 3x3 products.
+        nrm_c = nrm_w[:, :, None].expand(b, t_out, 1, nv, 3) @ r_disp.transpose(-1, -2)  # (B, T, V, Nv, 3)
+        # rasterize, then one fused pass: interpolate, renormalise, encode (N, H, W, 3) each; on the
+        # GPU one CUDA graph for both with one host read
+        frags, unit, rgb = rast.rasterize_normal_map(pix, nrm_c.reshape(n, nv, 3), faces, h, w, cull_backfaces=True,
+                                                     near=near, impl=impl)
+    else:
+        frags = rast.rasterize(pix, faces, h, w, cull_backfaces=True, near=near, impl=impl)
     mask = frags.mask[..., None].to(verts.dtype)  # (N, H, W, 1)
     out = RenderOutput()
     if "mask" in modes:
         out.mask = mask.reshape(*shape, 1)
     if "depth" in modes:
         out.depth = frags.depth[..., None].to(verts.dtype).reshape(*shape, 1)
-    if "normal" not in modes and "shaded" not in modes:
+    if not shading:
         return out
-
-    # Per-view rotation to the display camera frame: flip OpenCV y and z.
-    r_flip = cams.R.clone()
-    r_flip[..., 1:, :] *= -1  # rows y, z negated, on the device (no host-to-device copy per call)
-    r_disp = r_flip.expand(t_out, v, 3, 3).reshape(1, t_out, v, 3, 3)
-    nrm_w = vertex_normals(verts, faces)  # (B, T, Nv, 3) world
-    # Rotate per vertex, then interpolate (linear, so the same as rotating every pixel): the
-    # interpolation yields display-frame normals directly, with no per-pixel 3x3 products.
-    nrm_c = nrm_w[:, :, None].expand(b, t_out, 1, nv, 3) @ r_disp.transpose(-1, -2)  # (B, T, V, Nv, 3)
-    # one fused pass: interpolate, renormalise, encode (N, H, W, 3) each
-    unit, rgb = rast.normal_map(nrm_c.reshape(n, nv, 3), faces, frags, impl=impl)
     nrm = unit.reshape(*shape, 3)  # display camera frame, 0 where empty
     m = mask.reshape(*shape, 1)
     if "normal" in modes:

@@ -74,3 +74,24 @@ def test_suite_rejects_unknown_options(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_suite.sh"), "--bogus"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=30, env=dict(os.environ, OUT=str(tmp_path)))
     assert proc.returncode == 2 and "unknown option --bogus" in proc.stdout
+
+
+def test_suite_engine_only_rerun_without_sweep(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE)
+    fake.chmod(0o755)
+    out, calls = tmp_path / "out", tmp_path / "calls.log"
+    out.mkdir()
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(out), CALLS=str(calls), GPU_SUITE_BUDGET_S="120",
+               MVP_TEXT_MODEL=str(tmp_path / "no-minilm"), E2E_ONLY="engine", RASTER_SWEEP="0")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_suite.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    log = proc.stdout + proc.stderr
+    starts = [ln for ln in calls.read_text().splitlines() if " START " in ln]
+    e2e = [ln for ln in starts if "bench_e2e.py" in ln]
+    assert e2e and all("--only engine" in ln for ln in e2e), log
+    assert any("e2e_engine_gpu.json" in ln for ln in e2e) and any("e2e_sd15_engine_gpu.json" in ln for ln in e2e)
+    assert not any("--raster-sweep" in ln for ln in starts if "bench_kernels.py" in ln)
+    # the two test runs overlap (gpu tests in the background beside the kernel tests)
+    assert any("-m gpu" in ln for ln in starts) and any("pytest tests/kernels" in ln for ln in starts)
+    assert not any("train stage2" in ln for ln in starts)

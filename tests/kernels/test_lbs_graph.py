@@ -65,6 +65,21 @@ def test_once_caches_until_the_tensor_changes():
     assert len(calls) == 3
 
 
+def test_once_accepts_inference_tensors():
+    with torch.inference_mode():  # no version counter: cached by address / shape / dtype
+        t = torch.arange(4)
+    calls = []
+    for _ in range(2):
+        assert _graphs.once("test.inference", (t,), lambda: calls.append(1) or 6) == 6
+    assert len(calls) == 1
+    m = _model(12, 4, "cpu")
+    with torch.inference_mode():  # a model and inputs made under inference mode, as the engine does
+        mi = {key: val.clone() for key, val in m.items()}
+        inp = _inputs(mi, 2, 0)
+        got = _call(mi, inp, impl="ref", faces=torch.randint(0, 12, (10, 3)))
+    torch.testing.assert_close(got[0], _call(m, inp, impl="ref")[0])
+
+
 def test_once_does_not_cache_failures():
     t = torch.tensor([-1, 5])
     calls = []

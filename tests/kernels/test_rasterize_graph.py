@@ -199,7 +199,8 @@ def test_capacity_rule_and_fragment_buffer():
     assert RT._capacity_for(0) == lo and RT._capacity_for(10) == lo
     for e in (3000, 64_000, 65_536, 100_001):
         c = RT._capacity_for(e)
-        assert c >= 1.5 * e and c & (c - 1) == 0 and c < 3 * e + lo
+        assert c >= 1.25 * e and c % 4096 == 0 and c < 1.25 * e + 4096
+    assert RT._capacity_for(64_000) == 81_920 and RT._capacity_for(3276) == 4096 and RT._capacity_for(3277) == 8192
     buf, fr = RT._fragments(3, 5, 7, torch.float16, torch.device("cpu"))
     assert buf.dtype == torch.uint8 and all(getattr(fr, k).is_contiguous() for k in FIELDS)
     assert [getattr(fr, k).dtype for k in FIELDS] == [torch.int64, torch.float16, torch.float16, torch.bool]
@@ -222,15 +223,17 @@ class _FakeGraphs:
         self.entries, self.captures, self.replays = {}, 0, 0
 
     def run(self, key, fn, inputs, *, keep=(), finish=None):
-        full = (key, tuple(t.data_ptr() for t in keep), tuple((tuple(t.shape), t.dtype) for t in inputs))
+        full = (key, tuple(t.data_ptr() for t in keep),
+                tuple(None if t is None else (tuple(t.shape), t.dtype) for t in inputs))
         if full not in self.entries:
-            static = [t.clone() for t in inputs]
+            static = [None if t is None else t.clone() for t in inputs]
             self.entries[full] = (static, tuple(fn(*static)))
             self.captures += 1
         else:
             static, outs = self.entries[full]
             for d, s in zip(static, inputs):
-                d.copy_(s)
+                if d is not None:
+                    d.copy_(s)
             for d, s in zip(outs, fn(*static)):
                 d.copy_(s)
             self.replays += 1
@@ -331,6 +334,145 @@ def test_graph_argument_rules(gen):
     with pytest.raises(ValueError, match="graph=True needs CUDA tensors"):
         RT.rasterize_triton(pix, faces[:0], 9, 9, graph=True)  # no face: nothing to graph
     _assert_equal(rast.rasterize(pix, faces, 9, 9, impl="triton", graph=False), _exact(pix, faces, 9, 9))
+
+
+# ------------------------------------------------- fused rasterize + normal map (CPU stand-in)
+def _normals(gen, pix, dtype=torch.float32):
+    """Random per-vertex normals (some zero, so the renormalisation clamp is hit)."""
+    nrm = torch.randn(pix.shape, generator=gen, dtype=F64)
+    nrm[:, ::7] = 0.0
+    return nrm.to(dtype).to(DEV)
+
+
+def _two_calls(pix, nrm, faces, h, w, impl="triton", **kw):
+    frags = rast.rasterize(pix, faces, h, w, impl=impl, graph=False if impl == "triton" else None, **kw)
+    return (frags, *rast.normal_map(nrm, faces, frags, impl=impl))
+
+
+def _assert_fused_equal(got, want, msg=""):
+    _assert_equal(got[0], want[0], msg)
+    for name, a, b in zip(("unit", "rgb"), got[1:], want[1:]):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs {msg}"
+
+
+def _copy(res):
+    return (Fragments(*(getattr(res[0], k).clone() for k in FIELDS)), res[1].clone(), res[2].clone())
+
+
+def test_fused_graph_path_with_stand_in(gen, fake_graphs):
+    """rasterize_normal_map: first call exact (learns E), then replays of one graph running both
+    passes; equal to rasterize + normal_map bit for bit with different vertices AND normals every
+    call; all outputs in one fresh buffer per call (no aliasing with the graph or earlier calls)."""
+    h, w = 19, 23
+    frames, faces = _frames(gen, 2, h, w, 5, n_tri=25)
+    kept, prev = [], None
+    for i, pix in enumerate(frames):
+        nrm = _normals(gen, pix)
+        got = rast.rasterize_normal_map(pix, nrm, faces, h, w, impl="triton")
+        _assert_fused_equal(got, _two_calls(pix, nrm, faces, h, w), f"(frame {i}, seed {gen.initial_seed()})")
+        assert got[1].shape == got[2].shape == (2, h, w, 3) and got[1].dtype == torch.float32
+        if i:  # replays: one buffer holds every output
+            base = got[0].tri_id.untyped_storage().data_ptr()
+            assert all(t.untyped_storage().data_ptr() == base for t in (got[0].bary, got[0].mask, got[1], got[2]))
+        if prev is not None:
+            assert not torch.equal(got[1], prev[1]) and not torch.equal(got[0].bary, prev[0].bary)
+        kept.append((got, _copy(got)))
+        prev = got
+    for i, (got, copy) in enumerate(kept):
+        _assert_fused_equal(got, copy, f"(frame {i} changed by later calls)")
+    assert fake_graphs.captures == 1 and fake_graphs.replays == 3
+    assert list(RT._CAPACITY.values()) == [RT._capacity_for(_pairs(frames[0], faces, h, w))]
+    rast.rasterize(frames[1], faces, h, w, impl="triton")  # rasterize alone: its own graph, same capacity
+    assert fake_graphs.captures == 2 and len(RT._CAPACITY) == 1
+    # float64 normals, int32 and non-contiguous faces: their own graphs, still equal
+    f32, fnc = faces.int(), faces.t().contiguous().t()
+    for f, dt in ((f32, torch.float32), (fnc, torch.float64), (f32, torch.float64), (fnc, torch.float64)):
+        nrm = _normals(gen, frames[2], dt)
+        got = rast.rasterize_normal_map(frames[2], nrm, f, h, w, impl="triton")
+        assert got[1].dtype == dt and got[0].bary.dtype == torch.float32
+        _assert_fused_equal(got, _two_calls(frames[2], nrm, faces, h, w))
+    assert fake_graphs.captures == 5
+
+
+def test_fused_without_graphs_and_other_impls(gen, fake_graphs):
+    """graph=False (and the ref / cpp impls): the two calls as they are, equal results, no graph."""
+    from mvportrait.kernels import cpu
+
+    h, w = 14, 17
+    pix, faces = _scene(gen, 2, h, w, n_tri=15)
+    nrm = _normals(gen, pix)
+    for _ in range(2):
+        got = rast.rasterize_normal_map(pix, nrm, faces, h, w, impl="triton", graph=False, cull_backfaces=False)
+        _assert_fused_equal(got, _two_calls(pix, nrm, faces, h, w, cull_backfaces=False))
+    assert fake_graphs.captures == 0 and not RT._CAPACITY
+    for impl in ("ref", "cpp") if cpu.available() else ("ref",):
+        want = _two_calls(pix.cpu(), nrm.cpu(), faces.cpu(), h, w, impl=impl)
+        _assert_fused_equal(rast.rasterize_normal_map(pix.cpu(), nrm.cpu(), faces.cpu(), h, w, impl=impl), want, impl)
+        with pytest.raises(ValueError, match="graph=True needs the Triton path"):
+            rast.rasterize_normal_map(pix.cpu(), nrm.cpu(), faces.cpu(), h, w, impl=impl, graph=True)
+
+
+def test_fused_overflow_reruns_exact_and_grows(gen, fake_graphs, monkeypatch):
+    monkeypatch.setattr(RT, "MIN_CAPACITY", 4)
+    h, w = 22, 25
+    pix, faces = _scene(gen, 2, h, w, n_tri=30)
+    nrm = _normals(gen, pix)
+    hidden = pix.clone()
+    hidden[..., 2] = -1.0  # E = 0: capacity 4
+    _assert_fused_equal(rast.rasterize_normal_map(hidden, nrm, faces, h, w, impl="triton"),
+                        _two_calls(hidden, nrm, faces, h, w))
+    assert list(RT._CAPACITY.values()) == [4]
+    e = _pairs(pix, faces, h, w)
+    assert e > 4
+    for i in range(3):  # overflow (exact rerun, capacity grows), then a graph of the new size, replayed
+        _assert_fused_equal(rast.rasterize_normal_map(pix, nrm, faces, h, w, impl="triton"),
+                            _two_calls(pix, nrm, faces, h, w), f"(call {i})")
+        assert list(RT._CAPACITY.values()) == [RT._capacity_for(e)]
+        assert fake_graphs.captures == min(i + 1, 2)
+    assert fake_graphs.replays == 1
+
+
+def test_fused_bad_input_raises_the_two_calls_messages(gen, fake_graphs):
+    """Through the graph (flags in stat) and on the first, exact call: rasterize's messages for bad
+    vertices / faces (first, as rasterize runs first), normal_map's for bad normals."""
+    h, w = 10, 12
+    pix, faces = _scene(gen, 1, h, w, n_tri=8)
+    nrm = _normals(gen, pix)
+    bad_nrm = nrm.clone()
+    bad_nrm[0, 5, 1] = float("inf")
+    with pytest.raises(ValueError, match="normals contain NaN or infinite values"):
+        rast.rasterize_normal_map(pix, bad_nrm, faces, h, w, impl="triton")  # first call: exact path
+    rast.rasterize_normal_map(pix, nrm, faces, h, w, impl="triton")  # captures
+    assert fake_graphs.captures == 1
+    bad_nrm[0, 5, 1] = float("nan")
+    with pytest.raises(ValueError, match="normals contain NaN or infinite values"):
+        rast.rasterize_normal_map(pix, bad_nrm, faces, h, w, impl="triton")
+    bad = pix.clone()
+    bad[0, 2, 1] = float("nan")
+    for normals in (nrm, bad_nrm):
+        with pytest.raises(ValueError, match="verts_pix contains NaN or infinite values"):
+            rast.rasterize_normal_map(bad, normals, faces, h, w, impl="triton")
+    assert fake_graphs.captures == 1 and fake_graphs.replays == 3  # the graph ran and flagged them
+    bad_faces = faces.clone()
+    bad_faces[0, 0] = pix.shape[1]
+    with pytest.raises(ValueError, match=rf"faces index vertices in \[0, {pix.shape[1]}\]"):
+        rast.rasterize_normal_map(pix, nrm, bad_faces, h, w, impl="triton")
+    short = nrm[:, :-3]  # fewer normals than vertices: faces index past them (normal_map's check)
+    with pytest.raises(ValueError, match=rf"but there are {pix.shape[1] - 3} vertices"):
+        rast.rasterize_normal_map(pix, short, faces, h, w, impl="triton")
+    # argument errors: the message of the call that checks them, in the two calls' order
+    with pytest.raises(ValueError, match="verts_pix must have shape"):
+        rast.rasterize_normal_map(pix[0], nrm[:, :, :2], faces, h, w, impl="triton")
+    for normals, msg in ((nrm[:, :, :2], r"normals must have shape \(N, Nv, 3\)"), (nrm.repeat(2, 1, 1), "N=1"),
+                         (nrm.int(), "normals must be a floating tensor"), (nrm.tolist(), "normals must be a torch")):
+        with pytest.raises((ValueError, TypeError), match=msg):
+            rast.rasterize_normal_map(pix, normals, faces, h, w, impl="triton")
+    _assert_fused_equal(rast.rasterize_normal_map(pix, nrm, faces, h, w, impl="triton"),
+                        _two_calls(pix, nrm, faces, h, w))
+    with pytest.raises(ValueError, match="graph must be None, True or False"):
+        rast.rasterize_normal_map(pix, nrm, faces, h, w, impl="triton", graph="yes")
+    with pytest.raises(ValueError, match="normals contain NaN or infinite values"):
+        rast.rasterize_normal_map(pix.cpu(), bad_nrm.cpu(), faces.cpu(), h, w, impl="ref")
 
 
 # ------------------------------------------------------------------------------ real graphs (GPU)
@@ -446,3 +588,86 @@ def test_gpu_graphs_off_by_env_and_argument(monkeypatch):
     for pix in frames:
         rast.rasterize(pix, faces, h, w)
     assert RT.GRAPHS.captures == 1 and RT.GRAPHS.replays == 2
+
+
+def _head_normals(pix, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(pix.shape, generator=g), dim=-1).to(pix.device)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.usefixtures("fresh")
+def test_gpu_fused_graph_equals_two_calls():
+    """rasterize_normal_map through one real graph: equal to the direct rasterize + normal_map bit
+    for bit with different vertices and normals every call, one capture for repeated calls,
+    earlier results never overwritten, one host sync per call."""
+    import warnings
+
+    h, w = 512, 384
+    frames, faces = _head_frames(h, w, 6)
+    kept = []
+    for i, pix in enumerate(frames):
+        nrm = _head_normals(pix, i)
+        with torch.inference_mode() if i == 3 else torch.no_grad():
+            got = rast.rasterize_normal_map(pix, nrm, faces, h, w)
+            _assert_fused_equal(got, _two_calls(pix, nrm, faces, h, w), f"(frame {i})")
+        if kept:
+            assert not torch.equal(got[1], kept[-1][1][1])
+        kept.append((got, _copy(got)))
+    for _ in range(3):
+        rast.rasterize_normal_map(frames[0], nrm, faces, h, w, graph=True)
+    for i, (got, copy) in enumerate(kept):
+        _assert_fused_equal(got, copy, f"(frame {i} changed by later calls)")
+    assert RT.GRAPHS.captures == 1 and RT.GRAPHS.replays >= len(frames) + 2
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            rast.rasterize_normal_map(frames[1], nrm, faces, h, w)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(r.message) for r in rec if "synchroniz" in str(r.message)]
+    assert len(syncs) == 1, syncs  # the read of stat
+    f32 = faces.int()  # int32 faces, float64 normals: one more graph each, reused
+    for pix in frames[:3]:
+        nrm = _head_normals(pix, 7).double()
+        got = rast.rasterize_normal_map(pix, nrm, f32, h, w)
+        assert got[1].dtype == torch.float64
+        _assert_fused_equal(got, _two_calls(pix, nrm, faces, h, w))
+    assert RT.GRAPHS.captures == 2
+
+
+@gpu
+@needs_cuda
+@pytest.mark.usefixtures("fresh")
+def test_gpu_fused_overflow_and_bad_input(monkeypatch):
+    monkeypatch.setattr(RT, "MIN_CAPACITY", 16)
+    h = w = 256
+    frames, faces = _head_frames(h, w, 3, seed=1)
+    nrm = _head_normals(frames[0], 1)
+    hidden = frames[0].clone()
+    hidden[..., 2] = -1.0
+    rast.rasterize_normal_map(hidden, nrm, faces, h, w)  # E = 0 -> capacity 16
+    assert list(RT._CAPACITY.values()) == [16]
+    _assert_fused_equal(rast.rasterize_normal_map(frames[1], nrm, faces, h, w), _two_calls(frames[1], nrm, faces, h, w))
+    (cap,) = RT._CAPACITY.values()
+    assert cap > 1000 and RT.GRAPHS.captures == 1
+    for pix in frames[1:]:
+        _assert_fused_equal(rast.rasterize_normal_map(pix, nrm, faces, h, w), _two_calls(pix, nrm, faces, h, w))
+    assert RT.GRAPHS.captures == 2 and list(RT._CAPACITY.values()) == [cap]
+    bad_nrm = nrm.clone()
+    bad_nrm[1, 50, 2] = float("nan")
+    with pytest.raises(ValueError, match="normals contain NaN or infinite values"):
+        rast.rasterize_normal_map(frames[1], bad_nrm, faces, h, w)
+    bad = frames[1].clone()
+    bad[2, 100, 0] = float("inf")
+    with pytest.raises(ValueError, match="verts_pix contains NaN or infinite values"):
+        rast.rasterize_normal_map(bad, bad_nrm, faces, h, w)
+    bad_faces = faces.clone()
+    bad_faces[5, 2] = -1
+    with pytest.raises(ValueError, match=r"faces index vertices in \[-1, "):
+        rast.rasterize_normal_map(frames[0], nrm, bad_faces, h, w)
+    _assert_fused_equal(rast.rasterize_normal_map(frames[2], nrm, faces, h, w), _two_calls(frames[2], nrm, faces, h, w))
+    assert RT.GRAPHS.captures == 3  # bad_faces: its own graph (another address)
