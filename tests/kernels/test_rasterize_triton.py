@@ -476,8 +476,9 @@ def test_gpu_render_auto_uses_triton(monkeypatch):
 
     pix, faces = _head_pix(64, 64)  # only for the faces
     calls = []
-    real = RT.rasterize_triton
-    monkeypatch.setattr(RT, "rasterize_triton", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for name in ("rasterize_triton", "rasterize_normal_map_triton"):  # normal / shaded modes take the fused call
+        real = getattr(RT, name)
+        monkeypatch.setattr(RT, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
     from mvportrait.flame.synthetic import synthetic_head
 
     verts = torch.as_tensor(synthetic_head(0, flame_size=True).model.v_template, dtype=torch.float32)
