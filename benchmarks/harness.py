@@ -140,7 +140,8 @@ def e2e_table(paths=None) -> str:
             notes.append(f"{run} / {backend}: {c['views']} views x {c['image_size']} px, {c['frames']} frames "
                          f"(window {c['window']}, overlap {c['overlap']}), {c['steps']} stage-2 steps, "
                          f"{c['stage1_steps']} stage-1 steps, guidance {c['guidance']:g}, {what}; {c['dtype']}, "
-                         f"{c['threads']} threads, {m['first_frame']['device']}, git {m['first_frame']['git_sha']}")
+                         f"kernels {c.get('kernels', 'auto')}, {c['threads']} threads, {m['first_frame']['device']}, "
+                         f"git {m['first_frame']['git_sha']}")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
 
