@@ -199,18 +199,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
-# ``generate`` uses the distilled students unless --teacher is given when this is True (set from the
-# students' quality report: see mvportrait/weights/stage2_student/MODEL_CARD.md).
-DEFAULT_TO_STUDENT = False
+# ``generate`` and ``stream`` use the distilled students unless --teacher is given when this is True (set
+# from the students' quality report, mvportrait/weights/stage2_student/MODEL_CARD.md: the stage-2 student
+# is within 1 dB of its teacher at 1 and 2 steps, with better SSIM and less flicker at 1 step; the stage-1
+# students are within 3 points of their teachers' control accuracy).
+DEFAULT_TO_STUDENT = True
 
 
 def use_student(args) -> bool:
-    """--student / --teacher, else :data:`DEFAULT_TO_STUDENT`."""
+    """--student / --teacher, else :data:`DEFAULT_TO_STUDENT` for the shipped weights; with a
+    ``--weights`` / ``--stage1-weights`` folder the default is that folder's model (a student folder is
+    recognised as one whatever the flag)."""
     if getattr(args, "student", False):
         return True
     if getattr(args, "teacher", False):
         return False
-    return DEFAULT_TO_STUDENT
+    return DEFAULT_TO_STUDENT and getattr(args, "weights", None) is None and getattr(args, "stage1_weights", None) is None
 
 
 def load_flame_arg(path, shape):
@@ -317,12 +321,13 @@ def register(sub, train_sub, eval_sub) -> None:
     s.add_argument("--views", default="ring-4", help="view rig: front, ring-N, arc-N, yaws:0,45,-45 (default ring-4)")
     s.add_argument("--seconds", type=float, default=4.0, help="length of the text-driven sequence (default 4)")
     s.add_argument("--steps", type=int, help="stage-2 sampling steps (default: 25 DDIM steps for the teacher, "
-                                             "the student's default_steps (2) for a student)")
+                                             "the student's default_steps (1) for a student)")
     s.add_argument("--stage1-steps", type=int, help="stage-1 sampling steps (default: 50 for the teachers, "
                                                     "2 for the students)")
     s.add_argument("--student", action="store_true", help="use the distilled consistency students of both stages "
-                                                          "(few steps, guidance folded in)")
-    s.add_argument("--teacher", action="store_true", help="use the full-step teachers")
+                                                          "(few steps, guidance folded in; the default)")
+    s.add_argument("--teacher", action="store_true", help="use the full-step teachers (25 + 50 DDIM steps with "
+                                                          "guidance: slower, not better on the held-out sets)")
     s.add_argument("--guidance", type=float, help="image-guidance scale (default: the model's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--weights", help="stage-2 model folder (default: the shipped one)")

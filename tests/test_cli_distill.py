@@ -50,3 +50,17 @@ def test_distill_stage2_cli_end_to_end_and_export_only(stage2_micro_run, tmp_pat
     assert main(["distill", "stage2", "--out", str(tmp_path / "run"), "--teacher", str(teacher), "--export-only",
                  "--export", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "model.safetensors").is_file()
+
+
+def test_generate_and_stream_default_to_the_shipped_students():
+    from argparse import Namespace
+
+    from mvportrait.cli_stage2 import DEFAULT_TO_STUDENT, use_student
+
+    def ns(**kw):
+        return Namespace(**{"student": False, "teacher": False, "weights": None, "stage1_weights": None, **kw})
+
+    assert DEFAULT_TO_STUDENT and use_student(ns())  # the students met their targets (model cards)
+    assert not use_student(ns(teacher=True))
+    assert use_student(ns(student=True, weights="w"))
+    assert not use_student(ns(weights="my/teacher")) and not use_student(ns(stage1_weights="my/stage1"))
