@@ -142,6 +142,21 @@ def _as_dtype(model, dtype):
     return copy.deepcopy(model).to(dtype).eval()
 
 
+def _random_tiny_decoder(model):
+    """A tiny decoder of the shipped design for ``model``'s latents, random weights (what one costs)."""
+    from mvportrait.models.tiny_decoder import TinyDecoder, TinyDecoderConfig
+
+    ae = model.config.autoencoder
+    factor = 2 ** (len(ae.block_out) - 1)
+    stages = factor.bit_length()
+    shipped = TinyDecoderConfig()
+    channels = tuple(shipped.channels[min(i, len(shipped.channels) - 1)] for i in range(stages))
+    blocks = tuple(shipped.blocks[min(i, len(shipped.blocks) - 1)] for i in range(stages))
+    torch.manual_seed(0)
+    return TinyDecoder(TinyDecoderConfig(latent_channels=ae.latent_channels, factor=factor, channels=channels,
+                                         blocks=blocks))
+
+
 def load_models(args) -> dict:
     """The naive pipeline's teacher, the engine's stage 2 (student / stand-in / teacher), both stage 1s."""
     from mvportrait.engine.flame2video import DEFAULT_REFERENCE, DEFAULT_WEIGHTS, FLAME2Video
@@ -181,11 +196,12 @@ def load_models(args) -> dict:
     student_dir = STUDENT2 if args.preset == "tiny" and not args.weights else None
     if sampler in ("auto", "consistency") and student_dir is not None and (student_dir / "config.json").is_file():
         engine = FLAME2Video.from_pretrained(student_dir, student=True, device=dev, dtype=engine_dtype,
-                                             backend=args.backend, overlap=overlap, **kw)
+                                             backend=args.backend, overlap=overlap, decoder=args.decoder, **kw)
         steps = args.steps or engine.default_steps
         engine_note, guidance = "shipped student (consistency)", 1.0
     elif sampler == "consistency" or (sampler == "auto" and random_weights):
-        engine = FLAME2Video(_as_dtype(model, engine_dtype), overlap=overlap, backend=args.backend, **kw)
+        engine = FLAME2Video(_as_dtype(model, engine_dtype), overlap=overlap, backend=args.backend,
+                             decoder=_random_tiny_decoder(model) if args.decoder == "tiny" else None, **kw)
         engine.sampler = _consistency(engine.config, engine.config.prediction)
         steps, guidance = args.steps or 1, 1.0
         engine_note = ("consistency sampler on the same network (random weights: what a student costs)"
@@ -452,6 +468,7 @@ def _measure(args, which: str) -> dict:
     m = load_models(args)
     result = run_naive(args, m) if which == "naive" else run_engine(args, m)
     result.update(load_s=m["load_s"], model=m["note"], engine_model=m["engine_note"], stage1=m["stage1_note"],
+                  decoder="full" if which == "naive" else m["engine"].decoder_kind,
                   window=m["window"], overlap=m["overlap"], image_size=m["teacher"].config.image_size,
                   fps_model=m["teacher"].fps,
                   dtype=str(m["dtype" if which == "naive" else "engine_dtype"]).replace("torch.", ""))
@@ -496,7 +513,7 @@ def make_rows(args, dev, res: dict) -> list[dict]:
     for which, r in res.items():
         backend = "naive (torch eager)" if which == "naive" else f"engine ({args.backend})"
         cfg = dict(base, pipeline=which, steps=r["steps"], stage1_steps=r["stage1_steps"], guidance=r["guidance"],
-                   dtype=r["dtype"])
+                   dtype=r["dtype"], decoder=r.get("decoder", "full"))
         if which == "engine":
             cfg.update(engine_model=r["engine_model"], stage1_model=r["stage1"], stream_batch=r["stream_batch"],
                        mean_batch=round(r["mean_batch"], 2))

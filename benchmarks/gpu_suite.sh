@@ -169,6 +169,10 @@ if [ "$BENCH" = 1 ]; then
         e2e e2e_sd15 150 --preset sd15 --views 4 --size 512 --frames 14 --steps 1
         e2e e2e_tiny 100 --preset tiny --views 4 --frames 20
     fi
+    # sd15 with a tiny latent decoder of the shipped design (random weights: what one costs; the 512^2
+    # autoencoder decode is half of a frame set), the engine alone
+    e2e e2e_sd15_tinydecoder 90 --preset sd15 --views 4 --size 512 --frames 14 --steps 1 --decoder tiny \
+        --only engine --out benchmarks/results/e2e_sd15_tinydecoder_gpu.json
 fi
 
 echo "== done in $(now)s, status $status"

@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     register(sub, tr, ev)
     __import__("mvportrait.cli_stream").cli_stream.register(sub)  # stream
     __import__("mvportrait.cli_export").cli_export.register(sub)  # export onnx | tensorrt
-    __import__("mvportrait.cli_distill").cli_distill.register(sub)  # distill stage1 | stage2
+    __import__("mvportrait.cli_distill").cli_distill.register(sub, ev)  # distill stage1 | stage2 | decoder, eval decoder
     __import__("mvportrait.cli_bench").cli_bench.register(sub)  # bench e2e
     return p
 

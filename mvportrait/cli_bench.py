@@ -46,6 +46,11 @@ def add_e2e_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--engine-dtype", default="auto",
                    help="the engine's stage-2 precision: auto (bfloat16 on CPUs with oneDNN bfloat16 support, "
                         "else --dtype), float32, float16, bfloat16; the naive pipeline always uses --dtype")
+    p.add_argument("--decoder", default="auto",
+                   help="the engine's latent decoder: auto (the shipped student's distilled tiny decoder for the tiny "
+                        "preset, the autoencoder's for the random-weight presets), full, tiny (random-weight presets: "
+                        "a random tiny decoder of the shipped design, what it costs); the naive pipeline always "
+                        "uses the autoencoder's")
     p.add_argument("--text-model", help="stage-1 text encoder: minilm, hashing or a local model folder")
     p.add_argument("--prompt", default="nods slowly, then smiles happily")
     p.add_argument("--seed", type=int, default=0)
@@ -77,6 +82,8 @@ def check_e2e_args(args) -> None:
         if getattr(args, name) not in DTYPES:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(DTYPES)}, "
                              f"got {getattr(args, name)!r}")
+    if getattr(args, "decoder", "auto") not in ("auto", "full", "tiny"):
+        raise ValueError(f"--decoder must be one of auto, full, tiny, got {args.decoder!r}")
     if args.only not in PIPELINES:
         raise ValueError(f"--only must be one of {', '.join(PIPELINES)}, got {args.only!r}")
     if args.backend not in BACKENDS:

@@ -1,8 +1,10 @@
-"""``mvportrait distill stage1 | stage2``: consistency distillation of the shipped teachers.
+"""``mvportrait distill stage1 | stage2 | decoder`` and ``mvportrait eval decoder``.
 
-Registered by :mod:`mvportrait.cli` through :func:`register`; the recipe is
-:mod:`mvportrait.train.distill`. ``--export-only`` writes the student of an existing run's
-checkpoint (no training), e.g. to ship it into ``mvportrait/weights``.
+``stage1`` / ``stage2``: consistency distillation of the shipped teachers (the recipe is
+:mod:`mvportrait.train.distill`); ``decoder``: a tiny latent decoder distilled from the stage-2
+autoencoder (:mod:`mvportrait.train.tiny_decoder`), evaluated by ``eval decoder``. Registered by
+:mod:`mvportrait.cli` through :func:`register`. ``--export-only`` writes the student (or tiny
+decoder) of an existing run's checkpoint (no training), e.g. to ship it into ``mvportrait/weights``.
 """
 from __future__ import annotations
 
@@ -141,6 +143,88 @@ def cmd_distill_stage2(args) -> int:
     return 0
 
 
+def _threads(args) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise _cli().CliError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def cmd_distill_decoder(args) -> int:
+    from mvportrait.train.tiny_decoder import _default_teacher, distill_decoder, export_checkpoint
+
+    cli = _cli()
+    over = cli.int_options(args, ("steps", "batch", "checkpoint_every", "pool_size", "frames"))
+    over.update(cli.int_options(args, ("crop",), minimum=0))
+    if args.lr is not None:
+        if not args.lr > 0:
+            raise cli.CliError(f"--lr must be > 0, got {args.lr}")
+        over["lr"] = args.lr
+    if args.seed < 0:
+        raise cli.CliError(f"--seed must be >= 0, got {args.seed}")
+    budget = None
+    if args.time_budget is not None:
+        try:
+            budget = float(args.time_budget)
+        except ValueError:
+            raise cli.CliError(f"--time-budget must be a number of seconds, got {args.time_budget!r}") from None
+        if not budget > 0:
+            raise cli.CliError(f"--time-budget must be > 0, got {args.time_budget}")
+    _threads(args)
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        raise cli.CliError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    export = Path(args.export) if args.export else Path(args.out) / "tiny_decoder"
+    if args.export_only:
+        out = export_checkpoint(args.out, export, command=_command())
+        print(f"exported {out} from {args.out}")
+        return 0
+    teacher = Path(args.teacher) if args.teacher else _default_teacher()
+    if not (teacher / "config.json").is_file():
+        raise cli.CliError(f"no stage-2 teacher at {teacher} (config.json missing)")
+    res = distill_decoder(args.out, teacher_dir=teacher, export_dir=export, device=args.device, seed=args.seed,
+                          resume=args.resume, overrides=over, time_budget_s=budget,
+                          on_phase=cli._bar_phase(args.quiet), command=_command())
+    loss = (res["final_loss"] or {}).get("loss")
+    print(f"tiny decoder: {res['steps']} steps in {res['wall_s']:.0f} s ({res['stopped_by']}; "
+          f"data {res['data_s']:.0f} s, {res['pool_images']} images), final loss {loss} -> {res['export']}")
+    return 0
+
+
+def cmd_eval_decoder(args) -> int:
+    import json
+
+    from mvportrait.fileio import atomic_write
+    from mvportrait.models.tiny_decoder import DEFAULT_WEIGHTS
+    from mvportrait.train.tiny_decoder import evaluate_weights
+
+    cli = _cli()
+    cli.int_options(args, ("n",))
+    if args.seed < 0:
+        raise cli.CliError(f"--seed must be >= 0, got {args.seed}")
+    _threads(args)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix.lower() != ".json":
+        raise cli.CliError(f"--out must be a .json file, got {out}")
+    rep = evaluate_weights(args.weights or DEFAULT_WEIGHTS, teacher_dir=args.teacher, n=args.n, seed=args.seed,
+                           timing=not args.no_timing)
+    for k in ("tiny_vs_gt", "full_vs_gt", "tiny_vs_full"):
+        r = rep[k]
+        print(f"{k:13s} PSNR {r['psnr']:.2f} dB (std {r['psnr_std']:.2f})  SSIM {r['ssim']:.4f}")
+    for dt in ("float32", "bfloat16"):
+        if dt in rep.get("timing", {}):
+            t = rep["timing"][dt]
+            print(f"decode {rep['timing']['batch']} x {rep['image_size']}px {dt:8s} "
+                  f"({rep['timing']['threads']} threads): full {t['full']['p50']:.1f} ms, "
+                  f"tiny {t['tiny']['p50']:.1f} ms ({t['speedup_p50']:.1f}x)")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(rep, indent=1) + "\n"))
+        print(f"wrote {out}")
+    return 0
+
+
 def _add_common(s) -> None:
     s.add_argument("--out", required=True, help="run folder (checkpoints, loss.jsonl)")
     s.add_argument("--teacher", help="teacher weights (default: the shipped ones)")
@@ -163,8 +247,8 @@ def _add_common(s) -> None:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def register(sub) -> None:
-    """Add ``distill stage1`` and ``distill stage2`` to the top-level subparsers."""
+def register(sub, eval_sub=None) -> None:
+    """Add ``distill stage1 | stage2 | decoder`` to the top-level subparsers and ``decoder`` to ``eval``'s."""
     ds = sub.add_parser("distill", help="consistency-distil the teachers into few-step students")
     dsub = ds.add_subparsers(dest="distill_command", metavar="STAGE", required=True)
     s = dsub.add_parser("stage1", help="MotionDM / EmotionDM students (1-4 step consistency sampling)")
@@ -183,3 +267,34 @@ def register(sub) -> None:
     s.add_argument("--frames", type=int, help="frames per training clip (default 4)")
     s.add_argument("--pool-size", type=int, help="training clips rendered and encoded once (default 96)")
     s.set_defaults(func=cmd_distill_stage2)
+    s = dsub.add_parser("decoder", help="tiny latent decoder distilled from the stage-2 autoencoder (TAESD-style)")
+    s.add_argument("--out", required=True, help="run folder (pool cache, checkpoints, loss.jsonl)")
+    s.add_argument("--teacher", help="stage-2 teacher folder (default: the shipped mvportrait/weights/stage2)")
+    s.add_argument("--export", help="where tiny_decoder.safetensors/.json are written (default: OUT/tiny_decoder)")
+    s.add_argument("--export-only", action="store_true", help="write the decoder of the run's checkpoint, no training")
+    s.add_argument("--steps", type=int, help="training steps (default 20000; --time-budget usually ends sooner)")
+    s.add_argument("--batch", type=int, help="crops per step (default 32)")
+    s.add_argument("--crop", type=int, help="latent crop side (default 16; 0 = whole latents)")
+    s.add_argument("--lr", type=float, help="peak AdamW learning rate (default 1e-3)")
+    s.add_argument("--pool-size", type=int, help="training clips rendered once (default 256)")
+    s.add_argument("--frames", type=int, help="frames per training clip (default 2)")
+    s.add_argument("--time-budget", help="seconds for the whole run, data included")
+    s.add_argument("--checkpoint-every", type=int)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint and pool cache in --out (options not given: the run's own; "
+                        "a larger --steps continues a finished run)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--threads", type=int, help="torch CPU threads")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_distill_decoder)
+    if eval_sub is not None:
+        s = eval_sub.add_parser("decoder", help="tiny vs full decoder: PSNR/SSIM on held-out frames, decode time")
+        s.add_argument("--weights", help="tiny-decoder folder (default: mvportrait/weights/stage2_student)")
+        s.add_argument("--teacher", help="stage-2 folder whose autoencoder is compared (default: the shipped)")
+        s.add_argument("--n", type=int, default=64, help="held-out frames (x the model's views)")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--threads", type=int, help="torch CPU threads (timings use them)")
+        s.add_argument("--no-timing", action="store_true", help="skip the decode timings")
+        s.add_argument("--out", help="write the report as JSON")
+        s.set_defaults(func=cmd_eval_decoder)

@@ -160,7 +160,7 @@ def cmd_generate(args) -> int:
     check_backend_arg(args)
     t_start = time.perf_counter()
     pipe = FLAME2Video.from_pretrained(args.weights, student=student, device=args.device, backend=args.backend,
-                                       dtype=dtype_arg(args))
+                                       dtype=dtype_arg(args), decoder=decoder_arg(args))
     try:
         ctx = pipe.prepare(reference)
     except ValueError as e:
@@ -204,6 +204,20 @@ def cmd_generate(args) -> int:
 # is within 1 dB of its teacher at 1 and 2 steps, with better SSIM and less flicker at 1 step; the stage-1
 # students are within 3 points of their teachers' control accuracy).
 DEFAULT_TO_STUDENT = True
+
+
+DECODER_HELP = ("latent decoder: full (default: the autoencoder's) | auto (the model folder's distilled tiny decoder "
+                "when it has one, as the shipped student does: ~8x faster decoding, ~0.75 dB lower PSNR) | tiny")
+
+
+def decoder_arg(args) -> str:
+    """--decoder checked: auto | full | tiny."""
+    from mvportrait.engine.flame2video import DECODERS
+
+    value = getattr(args, "decoder", None) or "full"
+    if value not in DECODERS:
+        raise _cli().CliError(f"--decoder must be one of {', '.join(DECODERS)}, got {value!r}")
+    return value
 
 
 def use_student(args) -> bool:
@@ -262,7 +276,8 @@ def cmd_eval_stage2(args) -> int:
                            f"(or pass --pictures 0)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = FLAME2Video.from_pretrained(args.weights, student=args.student, device=args.device, dtype=dtype_arg(args))
+    pipe = FLAME2Video.from_pretrained(args.weights, student=args.student, device=args.device, dtype=dtype_arg(args),
+                                       decoder=decoder_arg(args))
     steps = pipe.default_steps if args.steps is None else args.steps
     from tqdm import tqdm
 
@@ -272,7 +287,7 @@ def cmd_eval_stage2(args) -> int:
                                    keep=args.pictures)
     bar.close()
     report.update({"weights": str(getattr(pipe, "path", args.weights)), "device": args.device,
-                   "sampler": type(pipe.sampler).__name__, "student": pipe.is_student,
+                   "sampler": type(pipe.sampler).__name__, "student": pipe.is_student, "decoder": pipe.decoder_kind,
                    "torch_threads": torch.get_num_threads(),
                    "command": "mvportrait " + " ".join(sys.argv[1:]) if sys.argv else None})
     out = Path(args.out)
@@ -336,6 +351,7 @@ def register(sub, train_sub, eval_sub) -> None:
     s.add_argument("--backend", help="torch | compile | onnxruntime | tensorrt, or per stage: "
                                       "stage1=torch,stage2=onnxruntime (default: MVP_BACKEND, else torch)")
     s.add_argument("--dtype", default="float32", help=DTYPE_HELP)
+    s.add_argument("--decoder", default="full", help=DECODER_HELP)
     s.add_argument("--threads", type=int, help="torch CPU threads")
     s.add_argument("--per-view", action="store_true", help="also write one video per view (OUT_view0.mp4, ...)")
     s.add_argument("--out", default="out.mp4", help="multi-view grid video (.mp4)")
@@ -349,6 +365,7 @@ def register(sub, train_sub, eval_sub) -> None:
     s.add_argument("--n", type=int, default=8, help="held-out clips (default 8)")
     s.add_argument("--steps", type=int, help="sampling steps (default: 25 DDIM steps for the teacher, the "
                                              "student's default_steps for a student)")
+    s.add_argument("--decoder", default="full", help=DECODER_HELP)
     s.add_argument("--guidance", type=float)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")

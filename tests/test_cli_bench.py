@@ -66,6 +66,15 @@ def test_bench_e2e_isolated_engine_only(tmp_path):
     assert {r["backend"] for r in rows} == {"engine (torch)"}
     assert all(r["config"]["isolated"] for r in rows)
     assert not (tmp_path / "e2e_micro_profile_cpu.txt").exists()
+    assert all(r["config"]["decoder"] == "full" for r in rows)  # no tiny decoder beside a random-weight model
+
+
+def test_bench_e2e_random_tiny_decoder(tmp_path):
+    """--decoder tiny on a random-weight preset: the engine decodes with a random tiny decoder (its cost)."""
+    out = tmp_path / "e2e.json"
+    assert main(MICRO + ["--only", "engine", "--decoder", "tiny", "--out", str(out), "--profile", "none",
+                         "--no-isolate"]) == 0
+    assert {r["config"]["decoder"] for r in json.loads(out.read_text())} == {"tiny"}
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -76,6 +85,7 @@ def test_bench_e2e_isolated_engine_only(tmp_path):
     (["--engine-dtype", "float8"], "--engine-dtype"),
     (["--only", "both-ish"], "--only"),
     (["--sampler", "euler"], "--sampler"),
+    (["--decoder", "small"], "--decoder"),
     (["--size", "100"], "--size"),
     (["--preset", "tiny", "--size", "64"], "random-weight preset"),
     (["--device", "tpu"], "--device"),

@@ -22,7 +22,12 @@ Distilled student: ``FLAME2Video.from_pretrained(student=True)`` (or the path of
 e.g. ``mvportrait/weights/stage2_student``) loads the consistency-distilled UNet over its teacher's
 other networks (``mvportrait.models.students``); :attr:`FLAME2Video.sampler` is then a
 ``ConsistencySampler`` (trailing 1/2/4-step grid), the default image guidance is 1.0 (the teacher's
-guidance is folded into the student) and the default step count :attr:`FLAME2Video.default_steps` (2).
+guidance is folded into the student) and the default step count :attr:`FLAME2Video.default_steps` (1 for
+the shipped student). The shipped student folder also holds a distilled tiny latent decoder
+(``mvportrait.models.tiny_decoder``), which ``from_pretrained(decoder="auto")`` picks up in place of
+the autoencoder's decoder (the default ``decoder="full"`` keeps the autoencoder's: offline generation
+favours quality; the streaming engine defaults to ``"auto"``); :attr:`FLAME2Video.decoder` is
+whichever decodes, :attr:`FLAME2Video.decoder_kind` says which.
 
 Backends: ``backend`` (``torch`` | ``compile`` | ``onnxruntime`` | ``tensorrt``, or a per-stage spec;
 default ``MVP_BACKEND``) picks what runs the networks (``engine/backends.py``); the pipeline code is
@@ -60,6 +65,8 @@ log = logging.getLogger(__name__)
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "stage2"
 DEFAULT_STUDENT = Path(__file__).resolve().parent.parent / "weights" / "stage2_student"
 TEACHER_STEPS = 25
+DECODERS = ("auto", "full", "tiny")
+TINY_DECODER_FILE = "tiny_decoder.safetensors"  # a distilled tiny latent decoder beside a model (the student)
 DEFAULT_REFERENCE = Path(__file__).resolve().parent.parent / "weights" / "reference" / "default.png"
 DEFAULT_FPS = 12.5
 MAX_FRAMES = 25 * 120
@@ -89,7 +96,7 @@ class FLAME2Video:
 
     def __init__(self, model: FLAME2VideoModel, *, fps: float = DEFAULT_FPS, overlap: int = 2,
                  timestep_spacing: str = "trailing", head_seed: int = 0, backend: str | None = None,
-                 cache=None, channels_last: bool | None = None):
+                 cache=None, channels_last: bool | None = None, decoder=None):
         from mvportrait.data.multiview import _head
         from mvportrait.engine.backends import resolve_backend, stage2_model
 
@@ -117,6 +124,15 @@ class FLAME2Video:
         else:
             self.sampler = DDIMSampler(schedule, prediction_type=self.config.prediction,
                                        timestep_spacing=timestep_spacing)
+        # the latent decoder: the autoencoder's, or a distilled tiny decoder (same call, ~cheaper; run in
+        # torch whatever the backend: it is small)
+        if decoder is None:
+            self.decoder, self.decoder_kind = self.model.autoencoder, "full"
+        else:
+            decoder = decoder.to(device=self.device, dtype=self.dtype).eval()
+            if self.channels_last:
+                decoder = decoder.to(memory_format=torch.channels_last)
+            self.decoder, self.decoder_kind = decoder, "tiny"
         self.last_timings = Stage2Timings()
 
     @property
@@ -131,15 +147,29 @@ class FLAME2Video:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, student: bool = False, device="cpu",
-                        dtype: torch.dtype = torch.float32, **kwargs) -> "FLAME2Video":
+                        dtype: torch.dtype = torch.float32, decoder: str = "full", **kwargs) -> "FLAME2Video":
         """Load a model folder (default: the shipped ``mvportrait/weights/stage2``, or with
         ``student=True`` the shipped distilled ``mvportrait/weights/stage2_student``). A student folder
         (its ``config.json`` has a ``distill`` object) is recognised whatever the flag; ``student=True``
-        with a teacher folder is an error. ``kwargs`` go to the constructor (``backend``, ``overlap``, ...)."""
+        with a teacher folder is an error. ``decoder``: ``"full"`` (default: the autoencoder's decoder),
+        ``"auto"`` (the folder's distilled tiny decoder, ``tiny_decoder.safetensors``, when it has one --
+        the shipped student does -- else the autoencoder's; the streaming engine's default) or ``"tiny"``
+        (the folder's tiny decoder; an error without one). The tiny decoder decodes ~8x faster on a CPU
+        and costs the shipped student ~0.75 dB PSNR and some flicker (its model card).
+        ``kwargs`` go to the constructor (``backend``, ``overlap``, ...)."""
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         folder = Path(path) if path is not None else (DEFAULT_STUDENT if student else DEFAULT_WEIGHTS)
         model = FLAME2VideoModel.from_pretrained(folder, device=device, dtype=dtype)
         if student and model.distill is None:
             raise ValueError(f"{folder} holds a teacher, not a distilled student (no 'distill' in its config.json)")
+        has_tiny = (folder / TINY_DECODER_FILE).is_file()
+        if decoder == "tiny" and not has_tiny:
+            raise ValueError(f"{folder} has no distilled tiny decoder ({TINY_DECODER_FILE}); use decoder='full'")
+        if decoder == "tiny" or (decoder == "auto" and has_tiny):
+            from mvportrait.models.tiny_decoder import TinyDecoder
+
+            kwargs["decoder"] = TinyDecoder.from_pretrained(folder, device=device, dtype=dtype)
         summary = folder / "train_summary.json"
         if "fps" not in kwargs and summary.is_file():
             fps = json.loads(summary.read_text()).get("fps")
@@ -303,7 +333,7 @@ class FLAME2Video:
         """(1, V, T, C, h, w) latents -> (T, V, H, W, 3) uint8, one frame (all views) at a time."""
         frames = []
         for f in range(latents.shape[2]):
-            img = self.model.autoencoder.decode(latents[0, :, f])  # (V, 3, H, W)
+            img = self.decoder.decode(latents[0, :, f])  # (V, 3, H, W)
             frames.append(((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
         return torch.stack(frames).cpu()
 

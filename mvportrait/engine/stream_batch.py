@@ -363,7 +363,7 @@ def _emit(st: StreamState, w: _Window) -> bool:
     for j in range(n):
         st.stage = "decode"
         t0 = time.perf_counter()
-        img = st.model.autoencoder.decode(w.final[:, lo + j])  # (V, 3, H, W)
+        img = st.pipe.decoder.decode(w.final[:, lo + j])  # (V, 3, H, W)
         u8 = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # (V, H, W, 3)
         views = u8.cpu().numpy() if st.settings.output == "numpy" else u8
         dec = time.perf_counter() - t0

@@ -423,13 +423,7 @@ def rasterize_triton(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, 
     that requires grad, no capture in progress) and N, F > 0; ``False`` never; ``True`` requires it
     (ValueError where it cannot be used). Same results either way (see :func:`_graphed`).
     """
-    if graph not in (None, True, False):
-        raise ValueError(f"graph must be None, True or False, got {graph!r}")
-    use = (graph is not False and verts_pix.shape[0] > 0 and faces.shape[0] > 0
-           and _graphs.usable(verts_pix.device, (verts_pix,)))
-    if graph and not use:
-        raise ValueError("graph=True needs CUDA tensors, MVP_CUDA_GRAPHS=1, at least one image and one face, "
-                         "no input that requires grad and no CUDA graph capture in progress")
+    use = _use_graph(graph, verts_pix, faces)
     args = (height, width, bool(cull_backfaces), float(near), tile, block_t, num_warps)
     if use:
         return _graphed(verts_pix, faces, *args, out)
@@ -471,13 +465,7 @@ def rasterize_normal_map_triton(verts_pix: torch.Tensor, normals: torch.Tensor, 
     does one host read (:func:`_graphed`); otherwise (and for normals that require grad) the two
     calls run as they are.
     """
-    if graph not in (None, True, False):
-        raise ValueError(f"graph must be None, True or False, got {graph!r}")
-    use = (graph is not False and verts_pix.shape[0] > 0 and faces.shape[0] > 0
-           and _graphs.usable(verts_pix.device, (verts_pix,)))
-    if graph and not use:
-        raise ValueError("graph=True needs CUDA tensors, MVP_CUDA_GRAPHS=1, at least one image and one face, "
-                         "no input that requires grad and no CUDA graph capture in progress")
+    use = _use_graph(graph, verts_pix, faces)
     args = (height, width, bool(cull_backfaces), float(near), tile, block_t, num_warps)
     if use and _graphs.usable(verts_pix.device, (normals,)):
         return _graphed(verts_pix, faces, *args, None, normals)
@@ -554,6 +542,19 @@ def _raster(verts_pix, faces, height, width, cull, near, tile, block_t, num_warp
 
 
 # ----------------------------------------------------------------------------- CUDA graph path
+def _use_graph(graph, verts_pix, faces) -> bool:
+    """The ``graph`` argument (None | True | False) checked against what the call allows."""
+    if graph not in (None, True, False):
+        raise ValueError(f"graph must be None, True or False, got {graph!r}")
+    use = (graph is not False and verts_pix.shape[0] > 0 and faces.shape[0] > 0
+           and _graphs.usable(verts_pix.device, (verts_pix,)))
+    if graph and not use:
+        raise ValueError("graph=True needs CUDA tensors, MVP_CUDA_GRAPHS=1, at least one image and one face, "
+                         "no input that requires grad and no CUDA graph capture in progress")
+    return use
+
+
+
 GRAPHS = _graphs.GraphCache("rasterize")  # one graph per (shapes, options, capacity, faces)
 MIN_CAPACITY = 4096  # smallest pair capacity of a graph (tests lower it to force the overflow path)
 _CAPACITY: dict = {}  # (shapes, options) -> pair capacity of its graphs, learned and grown

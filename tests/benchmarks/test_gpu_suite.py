@@ -30,17 +30,22 @@ exit 0
 """
 
 
-def test_suite_order_fallback_and_archives(tmp_path):
+def _run_suite(tmp_path, *options, **env_extra):
+    """The suite with the stand-in python: (process, its output, the calls log, the $OUT folder)."""
     fake = tmp_path / "python"
     fake.write_text(FAKE)
     fake.chmod(0o755)
     out, calls = tmp_path / "out", tmp_path / "calls.log"
     out.mkdir()
     env = dict(os.environ, PYTHON=str(fake), OUT=str(out), CALLS=str(calls), GPU_SUITE_BUDGET_S="120",
-               MVP_TEXT_MODEL=str(tmp_path / "no-minilm"))
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_suite.sh"), "--train"], cwd=tmp_path, env=env,
+               MVP_TEXT_MODEL=str(tmp_path / "no-minilm"), **env_extra)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_suite.sh"), *options], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
-    log = proc.stdout + proc.stderr
+    return proc, proc.stdout + proc.stderr, calls, out
+
+
+def test_suite_order_fallback_and_archives(tmp_path):
+    proc, log, calls, out = _run_suite(tmp_path, "--train")
     assert proc.returncode == 1, log  # the sd15 run failed once (then passed on the reference kernels)
     lines = [ln.split(" ", 2) for ln in calls.read_text().splitlines()]
     events = [(float(t), kind, rest) for t, kind, rest in lines]
@@ -55,8 +60,11 @@ def test_suite_order_fallback_and_archives(tmp_path):
         assert min(when("START", bench)) > train_end
     assert when("START", "--text-model hashing")  # no MiniLM folder: the hashing encoder
     # the failed sd15 run is retried once on the reference kernels; tiny passes on the first try
-    assert len(when("START", "--preset sd15")) == 2 and when("END", "--preset sd15 ") and \
-        any("kernels=ref" in rest for _, k, rest in events if k == "END" and "--preset sd15" in rest)
+    main_sd15 = "--steps 1 --device cuda"  # the full sd15 run (the tiny-decoder run ends in --out ...)
+    assert len(when("START", main_sd15)) == 2 and when("END", main_sd15) and \
+        any("kernels=ref" in rest for _, k, rest in events if k == "END" and main_sd15 in rest)
+    tiny_dec = [rest for t, k, rest in events if k == "START" and "--decoder tiny" in rest]
+    assert tiny_dec and all("--only engine" in r and "e2e_sd15_tinydecoder_gpu.json" in r for r in tiny_dec)
     assert len(when("START", "--preset tiny")) == 1
     assert "== e2e_sd15 FAILED" in log and "== e2e_sd15_refkernels ok" in log
     # what comes back: results, logs and the two training archives, without optimizer state
@@ -77,16 +85,7 @@ def test_suite_rejects_unknown_options(tmp_path):
 
 
 def test_suite_engine_only_rerun_without_sweep(tmp_path):
-    fake = tmp_path / "python"
-    fake.write_text(FAKE)
-    fake.chmod(0o755)
-    out, calls = tmp_path / "out", tmp_path / "calls.log"
-    out.mkdir()
-    env = dict(os.environ, PYTHON=str(fake), OUT=str(out), CALLS=str(calls), GPU_SUITE_BUDGET_S="120",
-               MVP_TEXT_MODEL=str(tmp_path / "no-minilm"), E2E_ONLY="engine", RASTER_SWEEP="0")
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_suite.sh")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
-    log = proc.stdout + proc.stderr
+    proc, log, calls, out = _run_suite(tmp_path, E2E_ONLY="engine", RASTER_SWEEP="0")
     starts = [ln for ln in calls.read_text().splitlines() if " START " in ln]
     e2e = [ln for ln in starts if "bench_e2e.py" in ln]
     assert e2e and all("--only engine" in ln for ln in e2e), log

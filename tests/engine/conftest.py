@@ -8,8 +8,8 @@ class DecodeSpy:
 
     def __init__(self, monkeypatch, pipe, views=2):
         self.views, self.seen = views, []
-        real = pipe.model.autoencoder.decode
-        monkeypatch.setattr(pipe.model.autoencoder, "decode", lambda z: (self.seen.append(z.clone()), real(z))[1])
+        real = pipe.decoder.decode  # the autoencoder's, or a distilled tiny decoder
+        monkeypatch.setattr(pipe.decoder, "decode", lambda z: (self.seen.append(z.clone()), real(z))[1])
 
     def take(self) -> torch.Tensor:
         z = torch.cat(self.seen)

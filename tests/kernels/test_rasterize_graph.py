@@ -33,11 +33,8 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CUDA graph r
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test here runs torch on one thread (see tests/conftest.py)."""
 
 
 @pytest.fixture
