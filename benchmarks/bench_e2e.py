@@ -424,7 +424,7 @@ def engine_stage_costs(engine, m: dict, args) -> dict:
 
     out["unet"] = _timeit(unet, dev) / hop  # one call advances B windows a step: H new frames per call
     lat = x[0, :, 0]  # the stream decodes one frame (all views) per call
-    out["decode"] = _timeit(lambda: model.autoencoder.decode(lat), dev)
+    out["decode"] = _timeit(lambda: pipe.decoder.decode(lat), dev)
     return out
 
 
