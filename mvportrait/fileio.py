@@ -27,3 +27,28 @@ def atomic_write(path, write: Callable[[str], object]) -> Path:
             pass
         raise
     return path
+
+
+def read_checkpoint_meta(directory, config_file: str, weights_file: str, fmt: str, what: str):
+    """The checked JSON metadata of a checkpoint folder: ``(meta, config path, weights path)``.
+
+    Raises FileNotFoundError for a missing folder or file and ValueError for JSON that does not parse
+    or names another ``format`` than ``fmt``; ``what`` names the checkpoint kind in the messages.
+    """
+    import json
+
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no {what} folder at {folder}")
+    cfg_path, w_path = folder / config_file, folder / weights_file
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{what} file {p} is missing")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not valid JSON (corrupt checkpoint?): {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ValueError(f"{cfg_path} has format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                         f"expected {fmt!r}")
+    return meta, cfg_path, w_path

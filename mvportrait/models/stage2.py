@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mvportrait.config import Stage2Config
-from mvportrait.fileio import atomic_write
+from mvportrait.fileio import atomic_write, read_checkpoint_meta
 from mvportrait.models.autoencoder import Autoencoder
 from mvportrait.models.flame_encoder import FlameEncoder
 from mvportrait.models.students import distill_info, overlay, teacher_path
@@ -228,19 +228,8 @@ class FLAME2VideoModel(nn.Module):
         from safetensors import safe_open
 
         folder = Path(directory)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"no stage-2 checkpoint folder at {folder}")
-        cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"stage-2 checkpoint file {p} is missing")
-        try:
-            meta = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfg_path} is not valid JSON (corrupt checkpoint?): {e}") from e
-        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{cfg_path} has format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                             f"expected {CHECKPOINT_FORMAT!r}")
+        meta, cfg_path, w_path = read_checkpoint_meta(folder, CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_FORMAT,
+                                                      "stage-2 checkpoint")
         if not isinstance(meta.get("config"), dict):
             raise ValueError(f"{cfg_path} has no 'config' object")
         config = Stage2Config.from_dict(meta["config"])

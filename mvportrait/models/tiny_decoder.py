@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mvportrait.fileio import atomic_write
+from mvportrait.fileio import atomic_write, read_checkpoint_meta
 
 __all__ = ["TinyDecoderConfig", "TinyDecoder", "conv_flops", "WEIGHTS_FILE", "CONFIG_FILE", "CHECKPOINT_FORMAT",
            "DEFAULT_WEIGHTS"]
@@ -184,19 +184,8 @@ class TinyDecoder(nn.Module):
         from safetensors.torch import load_file
 
         folder = Path(directory)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"no tiny-decoder folder at {folder}")
-        cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"tiny-decoder file {p} is missing")
-        try:
-            meta = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfg_path} is not valid JSON (corrupt checkpoint?): {e}") from e
-        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{cfg_path} has format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                             f"expected {CHECKPOINT_FORMAT!r}")
+        meta, cfg_path, w_path = read_checkpoint_meta(folder, CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_FORMAT,
+                                                      "tiny-decoder")
         try:
             cfg = TinyDecoderConfig.from_dict(meta.get("config"))
         except TypeError as e:
