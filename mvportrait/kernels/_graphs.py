@@ -29,7 +29,7 @@ import torch
 
 from mvportrait import envs
 
-__all__ = ["GraphCache", "usable", "once", "checked_once"]
+__all__ = ["GraphCache", "usable", "once"]
 
 
 def usable(device: torch.device, tensors: Sequence[torch.Tensor | None] = ()) -> bool:
@@ -67,13 +67,6 @@ class GraphCache:
         self._failed: set = set()
         self.captures = 0  # how many graphs were captured (tests and benchmarks read it)
         self.replays = 0
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
     def run(self, key, fn: Callable, inputs: Sequence[torch.Tensor | None], *,
             keep: Sequence[torch.Tensor] = (), finish: Callable | None = None):
@@ -176,9 +169,3 @@ def _version(t: torch.Tensor):
     # inference tensors (made under torch.inference_mode) have no version counter: for them an
     # in-place update inside inference mode is not noticed (constants are not updated that way)
     return None if t.is_inference() else t._version
-
-
-def checked_once(tag: str, t: torch.Tensor, check: Callable[[torch.Tensor], object]):
-    """``check(t)`` (raises on bad values; may read ``t`` back to the host) once per content of ``t``;
-    returns its (cached) result. See :func:`once`."""
-    return once(tag, (t,), lambda: check(t))

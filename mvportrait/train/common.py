@@ -6,9 +6,11 @@ parameter ``name`` the keys ``opt.<name>.exp_avg``, ``opt.<name>.exp_avg_sq`` an
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
-__all__ = ["optimizer_tensors", "load_optimizer"]
+__all__ = ["optimizer_tensors", "load_optimizer", "optimizer_step", "enable_tf32", "StepBudget"]
 
 
 def enable_tf32(device: torch.device) -> None:
@@ -52,3 +54,36 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, lr: f
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
+
+
+class StepBudget:
+    """Fits a training loop's step count to a wall-clock budget from its measured step rate.
+
+    The rate is measured from the 5th step after ``start`` (the first steps pay one-time costs) and
+    re-measured every 20 steps (it changes with the load of a shared machine). :meth:`fit` returns the
+    step count that fits what is left of the budget, never above ``max_steps`` nor below the current
+    step, or None when there is no new measurement yet.
+    """
+
+    def __init__(self, budget_s: float, start: int, max_steps: int):
+        self.budget_s, self.start, self.max_steps = budget_s, start, max_steps
+        self.t0 = time.perf_counter()
+        self.mark: tuple[int, float] | None = None  # (step, time) where the current measurement started
+        self.rate: float | None = None  # seconds per step of the last measurement
+
+    def fit(self, step: int) -> int | None:
+        now = time.perf_counter()
+        if self.mark is None:
+            if step - self.start >= 5:
+                self.mark = (step, now)
+            return None
+        if step - self.mark[0] < 20:
+            return None
+        self.rate = (now - self.mark[1]) / (step - self.mark[0])
+        self.mark = (step, now)
+        left = max(0.0, self.budget_s - (now - self.t0))
+        return max(1, step, min(self.max_steps, int(step + left / self.rate)))
+
+    def spent(self) -> bool:
+        """Whether the whole budget has passed."""
+        return time.perf_counter() - self.t0 >= self.budget_s

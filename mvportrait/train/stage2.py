@@ -48,7 +48,7 @@ from mvportrait.config import Stage2Config, check_ints, check_numbers, replace_k
 from mvportrait.engine.schedulers import NoiseSchedule
 from mvportrait.fileio import atomic_write
 from mvportrait.models.stage2 import FLAME2VideoModel
-from mvportrait.train.common import enable_tf32, load_optimizer, optimizer_tensors, optimizer_step
+from mvportrait.train.common import StepBudget, enable_tf32, load_optimizer, optimizer_step, optimizer_tensors
 
 log = logging.getLogger(__name__)
 
@@ -304,23 +304,14 @@ def train_stage(model: FLAME2VideoModel, pool: ClipPool, tc: Stage2TrainConfig, 
     count = 0
     saved = start
     step = start
-    max_steps = tc.steps
-    mark = None  # (step, time) where the current rate measurement started
+    budget = StepBudget(time_budget_s, start, tc.steps) if time_budget_s is not None else None
     while True:
-        if time_budget_s is not None:  # refit the step count to the budget every 25 steps (the rate changes
-            now = time.perf_counter()  # with the load of a shared machine); never above the configured count
-            if step - start == 5 or (mark is None and step > start):
-                mark = (step, now)
-            elif mark is not None and step - mark[0] >= 20:
-                rate = (now - mark[1]) / (step - mark[0])
-                fit = int(step + max(0.0, time_budget_s - (now - t0)) / rate)
-                fit = max(step, min(max_steps, fit))
-                if fit != tc.steps:
-                    log.info("stage %s: %.3f s/step at step %d; %d steps fit the %.0f s budget (was %d)",
-                             tc.stage, rate, step, fit, time_budget_s, tc.steps)
-                    tc = tc.replace(steps=max(1, fit))
-                    end = tc.steps if stop_at is None else min(stop_at, tc.steps)
-                mark = (step, now)
+        fit = budget.fit(step) if budget is not None else None  # the step count that fits the budget
+        if fit is not None and fit != tc.steps:
+            log.info("stage %s: %.3f s/step at step %d; %d steps fit the %.0f s budget (was %d)",
+                     tc.stage, budget.rate, step, fit, time_budget_s, tc.steps)
+            tc = tc.replace(steps=fit)
+            end = tc.steps if stop_at is None else min(stop_at, tc.steps)
         if step >= end:
             break
         s = _step_seed(seed, tc.stage, step)

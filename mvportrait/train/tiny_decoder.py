@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from mvportrait.config import check_ints, check_numbers, replace_known
 from mvportrait.fileio import atomic_write
 from mvportrait.models.tiny_decoder import TinyDecoder, TinyDecoderConfig
-from mvportrait.train.common import enable_tf32, load_optimizer, optimizer_step, optimizer_tensors
+from mvportrait.train.common import StepBudget, enable_tf32, load_optimizer, optimizer_step, optimizer_tensors
 
 log = logging.getLogger(__name__)
 
@@ -225,28 +225,22 @@ def train_tiny_decoder(decoder: TinyDecoder, pool: DecoderPool, tc: TinyDecoderT
 
     factor = decoder.config.factor
     t0 = time.perf_counter()
-    step, saved, max_steps = start, start, tc.steps
+    step, saved = start, start
     acc: dict[str, float] = {}
-    count, mark, stopped_by = 0, None, "steps"
+    count, stopped_by = 0, "steps"
     last_row = None
+    budget = StepBudget(time_budget_s, start, tc.steps) if time_budget_s is not None else None
     while True:
+        fit = budget.fit(step) if budget is not None else None  # refit the step count to the budget
+        if fit is not None and fit != tc.steps:
+            (log.info if step - start <= 25 else log.debug)(
+                "%.3f s/step at step %d: %d steps fit the %.0f s budget", budget.rate, step, fit, time_budget_s)
+            tc = tc.replace(steps=fit)
+            stopped_by = "time budget"
+        if budget is not None and budget.spent() and step > start:
+            stopped_by = "time budget"
+            break
         end = tc.steps if stop_at is None else min(stop_at, tc.steps)
-        if time_budget_s is not None:  # refit the step count to the budget every 20 steps
-            now = time.perf_counter()
-            if mark is None and step - start >= 5:
-                mark = (step, now)
-            elif mark is not None and step - mark[0] >= 20:
-                rate = (now - mark[1]) / (step - mark[0])
-                fit = max(step, min(max_steps, int(step + max(0.0, time_budget_s - (now - t0)) / rate)))
-                if fit != tc.steps:
-                    (log.info if mark[0] - start <= 5 else log.debug)(
-                        "%.3f s/step at step %d: %d steps fit the %.0f s budget", rate, step, fit, time_budget_s)
-                    tc = tc.replace(steps=max(1, fit))
-                    stopped_by = "time budget"
-                mark = (step, now)
-            if now - t0 >= time_budget_s and step > start:
-                stopped_by = "time budget"
-                break
         if step >= end:
             break
         g = torch.Generator().manual_seed((seed * 1_000_003 + 31 * 7_919 + step) % (2**63 - 1))

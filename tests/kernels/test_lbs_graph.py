@@ -90,7 +90,7 @@ def test_once_does_not_cache_failures():
 
     for _ in range(2):
         with pytest.raises(ValueError, match="bad"):
-            _graphs.checked_once("test.bad", t, lambda _: check())
+            _graphs.once("test.bad", (t,), check)
     assert len(calls) == 2
 
 
