@@ -10,7 +10,9 @@ permute) and, when CUDA and triton exist, the Triton path, at the shapes the eng
   step and the kernel; on CUDA replayed as one CUDA graph), with and without vertex normals, and
   on GPU also without the graph (``graph=False``: the same launches one by one).
 * Axis attention on (B=1, V=4, F=8, N, C=320) with 8 heads (D=40), q/k/v sliced from one fused
-  qkv tensor, along views and along frames, N = 32*32 (and 64*64 on GPU or with ``--full``).
+  qkv tensor, along views and along frames, N = 32*32 (and 64*64 on GPU or with ``--full``); on CPU
+  also the tiny UNet's axis levels ((1, 4, 8, 16*16, 64), 2 heads; (1, 4, 8, 8*8, 128), 4 heads), in
+  float32 and bfloat16, permute + SDPA vs the CPU path (``impl="bmm"``, what ``auto`` runs on CPU).
 
 * Rasterizer (CUDA only; the CPU rasterizer has ``bench_rasterize_cpu.py``): 4 views x 512^2
   of the 9,976-face ``synthetic_head(0, flame_size=True)`` (one demo frame, ``ring-4`` rig),
@@ -94,12 +96,17 @@ def bench_lbs(dev, use_triton, repeat, sync):
 
 
 def bench_axis_attention(dev, use_triton, repeat, sync, sizes):
+    """sd15-width shapes (C=320, 8 heads, N = side^2); on CPU also the tiny UNet's two axis levels, and
+    the CPU path (bmm, ``impl="bmm"``) beside permute + SDPA, in float32 and bfloat16 (the engine's)."""
     rows = []
-    dtypes = (torch.float16, torch.bfloat16) if use_triton else (torch.float32,)
-    heads, c = 8, 320
+    cpu = not str(dev).startswith("cuda")
+    dtypes = (torch.float16, torch.bfloat16) if use_triton else (torch.float32, torch.bfloat16)
+    shapes = [((1, 4, 8, side * side, 320), 8) for side in sizes]
+    if cpu:
+        shapes += [((1, 4, 8, 16 * 16, 64), 2), ((1, 4, 8, 8 * 8, 128), 4)]  # tiny UNet levels 1 and 2
     for dtype in dtypes:
-        for side in sizes:
-            shape = (1, 4, 8, side * side, c)
+        for shape, heads in shapes:
+            c = shape[-1]
             qkv = torch.randn(*shape[:4], 3 * c, device=dev, dtype=dtype)
             q, k, v = qkv.split(c, dim=-1)
             for axis in ("view", "frame"):
@@ -109,6 +116,8 @@ def bench_axis_attention(dev, use_triton, repeat, sync, sizes):
                 cases = [("torch-permute-sdpa", lambda: axis_attention_ref(q, k, v, heads, axis))]
                 if use_triton:
                     cases.append(("triton", lambda: axis_attention(q, k, v, heads, axis, impl="triton")))
+                if cpu:
+                    cases.append(("torch-bmm (cpu path)", lambda: axis_attention(q, k, v, heads, axis, impl="bmm")))
                 with torch.inference_mode():
                     for backend, fn in cases:
                         s = timeit(fn, warmup=2, repeat=repeat, sync=sync)

@@ -20,9 +20,14 @@ are real copies); ``_axis_attention_kernel`` -- Triton, one program per (block o
 positions, head): it loads K and V of the whole axis for its positions into registers
 (``BLOCK_L x BLOCK_P x BLOCK_D``), then for each query i computes the L scores, the softmax in
 float32 (``exp2`` with the scale folded into ``log2 e``) and the weighted sum of V, and writes
-row i. ``"auto"`` runs Triton on CUDA tensors when triton is installed, the reference otherwise;
-``"triton"`` on CPU tensors needs the Triton interpreter (``TRITON_INTERPRET=1`` set before
-triton is imported), else a RuntimeError. Limits of the kernel: L <= 32, D <= 256.
+row i; ``axis_attention_bmm`` -- the CPU path: one permute copy of each input (to float32) into
+(positions * H, L, D) rows, ``torch.bmm`` for the scores, the softmax in float32, ``torch.bmm`` for
+the weighted sum, one permute copy back (SDPA's CPU kernel pays a per-(row, head) overhead that
+dominates at L <= 32: the bmm path is 1.5-2.5x faster at the tiny UNet's shapes, same float32
+accuracy; ``benchmarks/bench_kernels.py``). ``"auto"`` runs Triton on CUDA tensors when triton is
+installed, the bmm path on CPU tensors, the reference elsewhere; ``"triton"`` on CPU tensors needs
+the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported), else a
+RuntimeError. Limits of the kernel: L <= 32, D <= 256.
 
 Cost, with ``E = B V F N C`` elements per tensor and ``s`` bytes per element: bytes moved
 ``4 E s`` (q, k, v read once, o written once); FLOPs ``4 E L`` (``2 L D`` for the scores and
@@ -45,13 +50,14 @@ from mvportrait.kernels._triton import launcher, triton_available, triton_kernel
 triton = None
 tl = None
 
-__all__ = ["axis_attention_ref", "axis_attention", "axis_attention_cost", "AXES", "MAX_AXIS_LEN"]
+__all__ = ["axis_attention_ref", "axis_attention_bmm", "axis_attention", "axis_attention_cost", "AXES",
+           "MAX_AXIS_LEN"]
 
 AXES = {"view": 1, "frame": 2}  # axis name -> dimension of the (B, V, F, N, C) layout
 MAX_AXIS_LEN = 32
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_IMPLS = ("auto", "triton", "ref")
+_IMPLS = ("auto", "triton", "bmm", "ref")
 
 
 def axis_attention_ref(q, k, v, heads: int, axis: str, *, scale: float | None = None) -> torch.Tensor:
@@ -71,6 +77,26 @@ def axis_attention_ref(q, k, v, heads: int, axis: str, *, scale: float | None = 
     for i, src in enumerate((0, other, 3, dim, 4)):
         inv[src] = i
     return o.permute(*inv).contiguous()
+
+
+def axis_attention_bmm(q, k, v, heads: int, axis: str, *, scale: float | None = None) -> torch.Tensor:
+    """CPU path: float32 rows (positions * H, L, D), bmm, float32 softmax, bmm (module docstring)."""
+    b, nv, nf, n, c = q.shape
+    d = c // heads
+    dim = AXES[axis]
+    other = 3 - dim
+    length, no = q.shape[dim], q.shape[other]
+    work = torch.promote_types(q.dtype, torch.float32)  # float32 (float64 stays float64)
+
+    def rows(x):  # (B, V, F, N, C) -> (B * O * N * H, L, D) in `work`, one copy
+        x = x.reshape(b, nv, nf, n, heads, d).permute(0, other, 3, 4, dim, 5)  # (B, O, N, H, L, D)
+        return x.to(work, memory_format=torch.contiguous_format).reshape(-1, length, d)
+
+    qr, kr, vr = rows(q), rows(k), rows(v)
+    s = torch.bmm(qr, kr.transpose(1, 2)).mul_(1.0 / math.sqrt(d) if scale is None else float(scale))
+    o = torch.bmm(torch.softmax(s, dim=-1), vr).view(b, no, n, heads, length, d)
+    o = o.permute(0, 4, 1, 2, 3, 5) if dim == 1 else o.permute(0, 1, 4, 2, 3, 5)  # (B, V, F, N, H, D)
+    return o.to(q.dtype, memory_format=torch.contiguous_format).reshape(b, nv, nf, n, c)
 
 
 def axis_attention_cost(shape, axis: str, dtype: torch.dtype = torch.float16) -> dict:
@@ -178,7 +204,8 @@ def axis_attention(q, k, v, heads: int, axis: str, *, scale: float | None = None
         raise ValueError(f"axis_attention: impl must be one of {', '.join(_IMPLS)}, got {impl!r}")
     use_triton = impl == "triton" or (impl == "auto" and q.device.type == "cuda" and triton_available())
     if not use_triton:
-        res = axis_attention_ref(q, k, v, heads, axis, scale=scale)
+        fast = impl == "bmm" or (impl == "auto" and q.device.type == "cpu")
+        res = (axis_attention_bmm if fast else axis_attention_ref)(q, k, v, heads, axis, scale=scale)
         return res if out is None else out.copy_(res)
     kernel = launcher(_axis_attention_kernel, q.device, "axis_attention")
     b, nv, nf, n, c = q.shape

@@ -16,7 +16,8 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
 
-from mvportrait.kernels.axis_attention import MAX_AXIS_LEN, axis_attention, axis_attention_ref  # noqa: E402
+from mvportrait.kernels.axis_attention import (MAX_AXIS_LEN, axis_attention, axis_attention_bmm,  # noqa: E402
+                                               axis_attention_ref)
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
 DEV = "cuda" if CUDA else "cpu"
@@ -102,11 +103,61 @@ def test_reference_is_attention_along_the_axis():
     torch.testing.assert_close(o2[0, 2, :, n, :4], torch.softmax(qs @ ks.T / 2, -1) @ vs)
 
 
-def test_auto_is_reference_on_cpu():
+def test_auto_is_the_bmm_path_on_cpu():
     q, k, v = _qkv(_shape("view", 3), 2, "fused_qkv")
     if not CUDA:
-        torch.testing.assert_close(axis_attention(q, k, v, 2, "view"), axis_attention_ref(q, k, v, 2, "view"),
+        torch.testing.assert_close(axis_attention(q, k, v, 2, "view"), axis_attention_bmm(q, k, v, 2, "view"),
                                    atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("length,d,heads,n,b", [(1, 32, 2, 5, 1), (3, 40, 3, 7, 2), (4, 32, 2, 64, 1), (8, 64, 1, 3, 1),
+                                                (MAX_AXIS_LEN, 16, 2, 3, 1), (5, 128, 2, 1, 3)])
+@pytest.mark.parametrize("axis", ["view", "frame"])
+def test_bmm_path_matches_reference(axis, length, d, heads, n, b, layout):
+    """The CPU fast path against permute + SDPA in float64 (tight) and float32, any input layout."""
+    torch.manual_seed(length * 31 + d + n)
+    q, k, v = _qkv(_shape(axis, length, n=n, heads=heads, d=d, b=b, other=2 + b), heads, layout)
+    out = torch.full(q.shape, float("nan"), device=DEV)
+    got = axis_attention(q, k, v, heads, axis, out=out, impl="bmm")
+    assert got.data_ptr() == out.data_ptr() and got.is_contiguous()
+    want = axis_attention_ref(q.double(), k.double(), v.double(), heads, axis)
+    torch.testing.assert_close(got.double(), want, **TOL[torch.float32])
+    torch.testing.assert_close(axis_attention_bmm(q.double(), k.double(), v.double(), heads, axis), want,
+                               atol=1e-12, rtol=1e-12)
+    assert axis_attention_bmm(q.double(), k.double(), v.double(), heads, axis).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("axis", ["view", "frame"])
+def test_bmm_path_half_precision(axis, dtype):
+    """Half inputs: float32 scores and softmax inside, output rounded once (no worse than SDPA's)."""
+    q, k, v = _qkv(_shape(axis, 6, n=9, heads=2, d=32), 2, "heads_fused", dtype)
+    got = axis_attention(q, k, v, 2, axis, impl="bmm")
+    assert got.dtype == dtype and got.shape == q.shape
+    want = axis_attention_ref(q.double(), k.double(), v.double(), 2, axis)
+    err = (got.double() - want).abs().max().item()
+    sdpa_err = (axis_attention_ref(q, k, v, 2, axis).double() - want).abs().max().item()
+    assert err <= max(sdpa_err, float(torch.finfo(dtype).eps)) * 1.01 + 1e-6, (err, sdpa_err)
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+
+
+def test_bmm_path_custom_scale_and_model_use(monkeypatch):
+    """Custom scale; and the UNet's axis module gives the same output on the bmm path and the reference."""
+    q, k, v = _qkv(_shape("frame", 7, n=4, heads=2, d=32), 2, "frames_major")
+    torch.testing.assert_close(axis_attention(q, k, v, 2, "frame", scale=0.3, impl="bmm"),
+                               axis_attention_ref(q, k, v, 2, "frame", scale=0.3), **TOL[torch.float32])
+    from mvportrait.models.unet_blocks import AxisAttention
+
+    torch.manual_seed(0)
+    mod = AxisAttention(64, 2, "frame", positions=True).to(DEV)
+    x = torch.randn(1, 2, 7, 4, 64, device=DEV)
+    with torch.inference_mode():
+        monkeypatch.setenv("MVP_KERNELS", "ref")
+        want = mod(x)
+        monkeypatch.setenv("MVP_KERNELS", "auto")
+        got = mod(x)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("case,err,match", [
@@ -119,6 +170,7 @@ def test_auto_is_reference_on_cpu():
     ("dtype", ValueError, "dtype"),
     ("int_dtype", ValueError, "dtype"),
     ("impl", ValueError, "impl"),
+    ("impl_bmm_too_long", ValueError, "at most 32"),
     ("scale", ValueError, "scale"),
     ("out", ValueError, "out"),
     ("type", TypeError, "torch.Tensor"),
@@ -141,6 +193,9 @@ def test_bad_inputs_raise_clear_errors(case, err, match):
     elif case == "too_long":
         q = k = v = torch.randn(1, 2, MAX_AXIS_LEN + 1, 3, 64)
         kw["axis"] = "frame"
+    elif case == "impl_bmm_too_long":
+        q = k = v = torch.randn(1, MAX_AXIS_LEN + 1, 2, 3, 64)
+        kw["impl"] = "bmm"
     elif case == "dtype":
         k = k.half()
     elif case == "int_dtype":
