@@ -14,7 +14,8 @@ Pipeline (one worker thread; stage 1 has its own look-ahead thread, :mod:`.strea
 
     driver (text: MotionDM + EmotionDM windows with continuity | a FLAME sequence)
       -> FLAME params of a window's new frames, rendered just in time from the view rig
-      -> FLAME encoder features  -> stream-batched denoising (below)  -> decode  -> FrameQueue (paced)
+      -> FLAME encoder features of the new frames (the overlap frames keep the predecessor's)
+      -> stream-batched denoising (below)  -> decode  -> FrameQueue (paced)
 
 **Windows.** Stage 2 works on windows of ``W = config.frames`` frames sharing ``O = overlap`` frames
 with the previous window (as :meth:`FLAME2Video.generate_from_maps`): window ``k`` starts at frame

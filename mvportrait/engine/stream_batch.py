@@ -123,7 +123,7 @@ class StreamState:
         self.windows: deque[_Window] = deque()
         self.next_index = 0
         self.tail_final: tuple[int, torch.Tensor] | None = None
-        self.tail_maps: torch.Tensor | None = None
+        self.tail_feats: torch.Tensor | None = None  # FLAME features of the last window's overlap frames
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.t_cache: dict = {}
         self.queue = FrameQueue(settings.queue_size, settings.policy, settings.fps, realtime=settings.realtime,
@@ -139,7 +139,7 @@ class StreamState:
 
     def release(self) -> None:
         """Free the buffers (the stream has ended)."""
-        self.x_buf = self.f_buf = self.tail_maps = None
+        self.x_buf = self.f_buf = self.tail_feats = None
         self.tail_final = None
         self.windows.clear()
         self.t_cache.clear()
@@ -226,10 +226,10 @@ def _admit(st: StreamState) -> _Window | None:
     t1 = time.perf_counter()
     st.stage = "render"
     maps = st.pipe.render_maps(fp, _cameras_for(st, cond_frames)).to(st.device, st.dtype)  # (1, V, n, 5, H, W)
-    if k:
-        maps = torch.cat([st.tail_maps, maps], dim=2)  # the overlap frames as the predecessor saw them
-    st.tail_maps = maps[:, :, W - O:]
-    feats = st.model.encode_renders(maps)[0]  # (V, W, C0, h, w)
+    feats = st.model.encode_renders(maps)[0]  # (V, n, C0, h, w): the FLAME encoder works image by image, so
+    if k:  # the overlap frames keep the features the predecessor computed (as it saw them; not recomputed)
+        feats = torch.cat([st.tail_feats, feats], dim=1)  # (V, W, C0, h, w)
+    st.tail_feats = feats[:, W - O:]
     slot = k % st.settings.stream_batch
     if st.f_buf is None:
         st.f_buf = torch.zeros(st.settings.stream_batch, *feats.shape, device=st.device, dtype=st.dtype)
