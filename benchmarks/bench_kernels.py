@@ -8,7 +8,9 @@ permute) and, when CUDA and triton exist, the Triton path, at the shapes the eng
 * LBS of the 5,023-vertex ``synthetic_head(0, flame_size=True)`` (300 shape + 100 expression
   components) for 1 and 64 frames, end to end through ``lbs(...)`` (validation, the small torch
   step and the kernel; on CUDA replayed as one CUDA graph), with and without vertex normals, and
-  on GPU also without the graph (``graph=False``: the same launches one by one).
+  on GPU also without the graph (``graph=False``: the same launches one by one) and as a prepared
+  call (``lbs_plan``, ``triton-graph-plan``: the per-call host work cut to a few input checks, one
+  batched copy, the replay and one clone).
 * Axis attention on (B=1, V=4, F=8, N, C=320) with 8 heads (D=40), q/k/v sliced from one fused
   qkv tensor, along views and along frames, N = 32*32 (and 64*64 on GPU or with ``--full``); on CPU
   also the tiny UNet's axis levels ((1, 4, 8, 16*16, 64), 2 heads; (1, 4, 8, 8*8, 128), 4 heads), in
@@ -88,6 +90,13 @@ def bench_lbs(dev, use_triton, repeat, sync):
                           ("triton+normals-nograph",
                            lambda: lbs_k.lbs(*args, joint_basis=basis, faces=m.faces, vertex_faces=table,
                                              impl="triton", graph=False), cost_b)]
+                # prepared calls (lbs_plan): validation and capture done here, per call a check of the three
+                # inputs, one batched copy in, one replay, one clone out (FlameModel.forward's path on CUDA)
+                model = (m.v_template, dirs, m.posedirs, m.j_regressor, m.parents, m.weights)
+                plan = lbs_k.lbs_plan(*model, batch=frames, impl="triton", graph=True)
+                plan_n = lbs_k.lbs_plan(*model, batch=frames, faces=m.faces, impl="triton", graph=True)
+                cases += [("triton-graph-plan", lambda: plan(coeffs, pose, trans), cost_b),
+                          ("triton+normals-graph-plan", lambda: plan_n(coeffs, pose, trans), cost_b)]
             with torch.inference_mode():
                 for backend, fn, c in cases:
                     s = timeit(fn, warmup=3, repeat=repeat, sync=sync)

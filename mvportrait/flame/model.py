@@ -1,6 +1,7 @@
 """FlameModel: the arrays of the FLAME format and its forward pass (vertices, joints, landmarks)."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ ARRAY_SHAPES = {
     "lmk_faces_idx": ("L",),
     "lmk_bary_coords": ("L", 3),
 }
+
+MAX_PLANS = 8  # prepared LBS calls (each with a CUDA graph) a FlameModel keeps, one per frame count / sizes
 
 
 @dataclass
@@ -52,6 +55,7 @@ class FlameModel:
         self.name = name
         self._validate()
         self._dirs = None  # cached [shapedirs | exprdirs] for the active component counts
+        self._plans: OrderedDict = OrderedDict()  # prepared LBS calls on CUDA: (frames, n_shape, n_expr, impl)
 
     # ------------------------------------------------------------------------ properties
     @property
@@ -126,7 +130,8 @@ class FlameModel:
         """Vertices (B, T, V, 3), joints, landmarks for every frame of every sequence.
 
         Uses the first ``params.shape.shape[-1]`` shape and ``params.expression.shape[-1]``
-        expression components (fewer than the model has is fine; more is an error).
+        expression components (fewer than the model has is fine; more is an error). On CUDA the
+        skinning is a prepared :func:`mvportrait.kernels.lbs.lbs_plan` call per (frames, sizes, kernels).
         """
         if not isinstance(params, FlameParams):
             raise TypeError(f"expected FlameParams, got {type(params).__name__}")
@@ -138,18 +143,36 @@ class FlameModel:
             raise ValueError(f"FlameParams drive {len(JOINT_NAMES)} joints, the model has {self.n_joints}")
         b, t = params.batch_size, params.num_frames
         p = params.to(device=self.device, dtype=self.dtype)
-        dirs = self.blend_dirs(ns, ne)
         coeffs = torch.cat([p.shape, p.expression], -1).reshape(b * t, ns + ne)
+        pose, trans = p.full_pose().reshape(b * t, -1), p.translation.reshape(b * t, 3)
         impl = envs.kernels()
         impl = "auto" if impl == "cpp" else impl  # there is no C++ LBS: cpp means "best available" here
-        verts, joints = lbs_kernels.lbs(coeffs, p.full_pose().reshape(b * t, -1), self.v_template, dirs,
-                                        self.posedirs, self.j_regressor, self.parents, self.weights,
-                                        p.translation.reshape(b * t, 3), impl=impl)
+        if self.device.type == "cuda":  # host-bound there: a prepared call (one CUDA graph replay)
+            verts, joints = self._lbs_plan(b * t, ns, ne, impl)(coeffs, pose, trans)
+        else:
+            verts, joints = lbs_kernels.lbs(coeffs, pose, self.v_template, self.blend_dirs(ns, ne), self.posedirs,
+                                            self.j_regressor, self.parents, self.weights, trans, impl=impl)
         lmk = self.landmarks(verts) if (with_landmarks and self.lmk_faces_idx is not None) else None
         unflat = lambda x: None if x is None else x.reshape(b, t, *x.shape[1:])  # noqa: E731
         return FlameOutput(unflat(verts), unflat(joints), unflat(lmk))
 
     __call__ = forward
+
+    def _lbs_plan(self, frames: int, n_shape: int, n_expr: int, impl: str) -> lbs_kernels.LBSPlan:
+        """The prepared LBS call for these sizes (made on first use; the least recently used of more
+        than ``MAX_PLANS`` is dropped). It holds this model's tensors and the ``blend_dirs`` basis of
+        its sizes, as the ``lbs`` call it replaces was given them."""
+        key = (frames, n_shape, n_expr, impl)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = lbs_kernels.lbs_plan(self.v_template, self.blend_dirs(n_shape, n_expr), self.posedirs,
+                                        self.j_regressor, self.parents, self.weights, batch=frames, impl=impl)
+            while len(self._plans) >= MAX_PLANS:
+                self._plans.popitem(last=False)
+            self._plans[key] = plan
+        else:
+            self._plans.move_to_end(key)
+        return plan
 
     def blend_dirs(self, n_shape: int, n_expr: int) -> torch.Tensor:
         """(V, 3, n_shape + n_expr) blendshape basis, cached for the last component counts."""

@@ -15,6 +15,10 @@ a reference so their memory cannot be reused while a graph points at it. The cap
 must not synchronise with the host (no ``.item()``, ``.tolist()``, data-dependent shapes); the
 callers put their one data-dependent check after the replay.
 
+:func:`capture` (one graph with its static buffers, a :class:`StaticGraph`) is what the cache
+stores per key; a caller that owns a single graph (e.g. :class:`mvportrait.kernels.lbs.LBSPlan`)
+uses it directly and skips the per-call key building.
+
 Graphs are used only where they are valid: a CUDA device, ``MVP_CUDA_GRAPHS`` not ``0``, not
 already inside a capture, and no input that autograd would have to track (:func:`usable`).
 """
@@ -29,7 +33,7 @@ import torch
 
 from mvportrait import envs
 
-__all__ = ["GraphCache", "usable", "once"]
+__all__ = ["GraphCache", "StaticGraph", "capture", "usable", "once"]
 
 
 def usable(device: torch.device, tensors: Sequence[torch.Tensor | None] = ()) -> bool:
@@ -49,12 +53,54 @@ def _key_of(t: torch.Tensor | None):
     return (tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 
 
-class _Entry:
-    __slots__ = ("graph", "inputs", "outputs", "keep", "stream")
+class StaticGraph:
+    """One captured CUDA graph (:func:`capture`): its static inputs and outputs, and the stream of
+    the last replay. ``keep`` holds the constants the graph reads, so their memory stays allocated."""
 
-    def __init__(self, graph, inputs, outputs, keep):
-        self.graph, self.inputs, self.outputs, self.keep = graph, inputs, outputs, keep
-        self.stream = None  # the stream of the last replay
+    __slots__ = ("graph", "inputs", "outputs", "keep", "stream", "_dst")
+
+    def __init__(self, graph, inputs, outputs, keep, stream):
+        self.graph, self.inputs, self.outputs, self.keep, self.stream = graph, inputs, outputs, keep, stream
+        self._dst = [t for t in inputs if t is not None]
+
+    def replay(self, inputs: Sequence[torch.Tensor | None]):
+        """Copy ``inputs`` (``None`` where the capture had ``None``) into the static inputs in one batched
+        copy, replay on the current stream and return the static outputs (valid until the next replay).
+        A replay on another stream than the previous one first waits for that stream, so the previous
+        outputs were consumed there. Not thread-safe: callers hold their own lock."""
+        stream = torch.cuda.current_stream()
+        if self.stream is not None and self.stream != stream:
+            stream.wait_stream(self.stream)
+        if self._dst:
+            torch._foreach_copy_(self._dst, [s for s in inputs if s is not None])  # one dispatch
+        self.graph.replay()
+        self.stream = stream
+        return self.outputs
+
+
+def capture(fn: Callable, inputs: Sequence[torch.Tensor | None], *, keep: Sequence[torch.Tensor] = (),
+            warmup: int = 2) -> StaticGraph:
+    """Capture ``fn(*static)`` as a CUDA graph, ``static`` being clones of ``inputs`` (``None`` kept).
+
+    ``fn`` runs ``warmup`` times on a side stream first (compiles kernels, settles the allocator),
+    then once under capture; the graph is replayed once, so its outputs hold ``fn(*inputs)`` on return.
+    ``fn`` must not synchronise with the host. Raises RuntimeError if the capture fails.
+    """
+    with torch.inference_mode(False):  # static buffers must accept copy_ in and out of inference mode
+        static = [None if t is None else t.clone() for t in inputs]  # clone keeps dense strides
+    side = torch.cuda.Stream(device=next((t.device for t in static if t is not None), None))
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles kernels, settles allocator and library handles
+        for _ in range(warmup):
+            fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: work that other threads (the stream's stage-1 worker) launch meanwhile is not
+    # an error for this capture and is not captured
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        outputs = tuple(fn(*static))
+    graph.replay()  # the capture recorded the work without running it
+    return StaticGraph(graph, static, outputs, tuple(keep), torch.cuda.current_stream())
 
 
 class GraphCache:
@@ -84,51 +130,24 @@ class GraphCache:
             if full_key in self._failed:
                 return finish(tuple(fn(*inputs)))
             entry = self._entries.get(full_key)
-            stream = torch.cuda.current_stream()
             if entry is None:
                 try:
-                    entry = self._capture(fn, inputs, keep)
+                    entry = capture(fn, inputs, keep=keep, warmup=self.warmup)
                 except RuntimeError as e:  # e.g. an op that cannot be captured: run eagerly from now on
                     warnings.warn(f"{self.name}: CUDA graph capture failed ({e}); running without graphs for "
                                   "these shapes", RuntimeWarning, stacklevel=3)
                     self._failed.add(full_key)
                     torch.cuda.synchronize()
                     return finish(tuple(fn(*inputs)))
+                self.captures += 1
                 if len(self._entries) >= self.max_entries:
                     self._entries.popitem(last=False)
                 self._entries[full_key] = entry
             else:
                 self._entries.move_to_end(full_key)
-                if entry.stream is not None and entry.stream != stream:
-                    # the previous replay ran on another stream: wait until its outputs were consumed
-                    stream.wait_stream(entry.stream)
-                pairs = [(d, s) for d, s in zip(entry.inputs, inputs) if d is not None]
-                if pairs:
-                    torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])  # one dispatch
-                entry.graph.replay()
-                self.replays += 1
-            result = finish(entry.outputs)
-            entry.stream = stream
-            return result
-
-    def _capture(self, fn, inputs, keep) -> _Entry:
-        with torch.inference_mode(False):  # static buffers must accept copy_ in and out of inference mode
-            static = [None if t is None else t.clone() for t in inputs]  # clone keeps dense strides
-        side = torch.cuda.Stream(device=inputs[0].device if inputs and inputs[0] is not None else None)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: compiles kernels, settles allocator and library handles
-            for _ in range(self.warmup):
-                fn(*static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: work that other threads (the stream's stage-1 worker) launch meanwhile is not
-        # an error for this capture and is not captured
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            outputs = tuple(fn(*static))
-        graph.replay()  # the capture recorded the work without running it
-        self.captures += 1
-        self.replays += 1
-        return _Entry(graph, static, outputs, tuple(keep))
+                entry.replay(inputs)
+            self.replays += 1
+            return finish(entry.outputs)
 
 
 def _clone_all(outputs):

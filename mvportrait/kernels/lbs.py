@@ -59,9 +59,29 @@ the packed outputs. The joint basis, the faces table and the value checks of ``p
 are computed once per content (:func:`mvportrait.kernels._graphs.once`). Measured on an H200
 (benchmarks/results/kernels_nvidia-h200.json): 0.19 ms per 1-frame call against 0.80 ms eager and
 0.81 ms for the same launches without the graph.
+
+Prepared calls (:func:`lbs_plan` -> :class:`LBSPlan`): a frame loop with one model at one batch size
+leaves even the per-call work of :func:`lbs` (checks of nine tensors, cache keys, lookups) on the host.
+``plan = lbs_plan(v_template, dirs, posedirs, j_regressor, parents, weights, batch=N, faces=None,
+translation=True)`` does all validation and one-time work at creation (parents and faces value checks,
+joint basis, faces tables, and on CUDA the graph capture, with the plan's own static input buffers,
+through :func:`mvportrait.kernels._graphs.capture`). ``plan(coeffs, pose, translation, copy=True)``
+then compares the three inputs' shape / dtype / device with the stored ones (ValueError / TypeError
+naming the expected shape), copies them into the graph's inputs in one ``_foreach_copy_``, replays
+and clones the packed outputs once -- or, ``copy=False``, returns views of the static outputs, valid
+until the next call of the plan. Where no graph can run (CPU, ``impl="ref"``, ``MVP_CUDA_GRAPHS=0``,
+inputs that require grad, a capture in progress, a failed capture) a call is ``lbs(..., graph=False)``:
+the same results, fresh tensors. Model tensors follow :func:`lbs`'s semantics: the graph reads
+``v_template``, ``dirs``, ``posedirs``, ``weights`` through their addresses (in-place updates are
+seen); an in-place update of a tensor the one-time work derives from (``v_template``, ``dirs``,
+``j_regressor``, ``parents``, ``faces``; their version counters are compared per call, inference
+tensors excepted) makes the next call redo that work and capture again. A plan holds the tensors it
+was made with: assigning a new tensor to a model attribute needs a new plan.
 """
 from __future__ import annotations
 
+import threading
+import warnings
 
 import torch
 
@@ -76,7 +96,7 @@ tl = None
 
 __all__ = ["rodrigues", "lbs_ref", "lbs", "batch_rigid_transform", "construct_joint_basis",
            "construct_vertex_faces", "vertex_normals_ref", "vertex_normals", "lbs_cost",
-           "triton_available"]
+           "lbs_plan", "LBSPlan", "triton_available"]
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _IMPLS = ("auto", "triton", "ref")
@@ -440,6 +460,46 @@ def _lbs_triton(coeffs, pose, v_template, dirs, posedirs, parents, weights, tran
     return out, posed_joints.to(v_template.dtype)
 
 
+def _packed_lbs(n, v_template, dirs, posedirs, par, weights, joint_basis, normals=None):
+    """The Triton path as ``fn(coeffs, pose, translation) -> (buf,)`` writing vertices, joints and,
+    with ``normals = (faces32, vertex_faces)``, normals into one flat buffer (so one clone copies every
+    output), and ``unpack(buf)`` -> [(N, V, 3), (N, J, 3)[, (N, V, 3)]] views of such a buffer.
+    ``fn`` never syncs with the host: it can be captured as a CUDA graph."""
+    nv, nj = weights.shape
+    sizes = [n * nv * 3, n * nj * 3] + ([] if normals is None else [n * nv * 3])
+    shapes = [(n, nv, 3), (n, nj, 3), (n, nv, 3)][:len(sizes)]
+    specs = [(shape, (shape[1] * 3, 3, 1), sum(sizes[:i])) for i, shape in enumerate(shapes)]
+
+    def unpack(buf):  # as_strided: the cheapest views on the host (an LBSPlan call makes them per frame)
+        base = buf.storage_offset()
+        return [buf.as_strided(shape, stride, base + off) for shape, stride, off in specs]
+
+    def fn(coeffs, pose, translation):
+        buf = torch.empty(sum(sizes), dtype=v_template.dtype, device=v_template.device)
+        parts = unpack(buf)
+        _, j = _lbs_triton(coeffs, pose, v_template, dirs, posedirs, par, weights, translation, joint_basis, parts[0])
+        parts[1].copy_(j)
+        if normals is not None:
+            _vertex_normals_triton(parts[0], normals[0], normals[1], parts[2])
+        return (buf,)
+
+    return fn, unpack
+
+
+def _check_model(v_template, dirs, posedirs, j_regressor, parents, weights, k=None):
+    """Shape / dtype / device checks of the model tensors (``k`` components, any if None) -> (V, J, K)."""
+    _check("v_template", v_template, (None, 3))
+    nv = v_template.shape[0]
+    dt, dev = v_template.dtype, v_template.device
+    _check("j_regressor", j_regressor, (None, nv), dt, dev)
+    nj = j_regressor.shape[0]
+    _check("dirs", dirs, (nv, 3, k), dt, dev)
+    _check("posedirs", posedirs, (nv, 3, 9 * (nj - 1)), dt, dev)
+    _check("weights", weights, (nv, nj), dt, dev)
+    _check("parents", parents, (nj,))
+    return nv, nj, dirs.shape[2]
+
+
 def _parents_list(parents) -> list[int]:
     par = parents.tolist()
     if par[0] != -1 or any(not (0 <= p < j) for j, p in enumerate(par) if j > 0):
@@ -468,17 +528,12 @@ def lbs(coeffs, pose, v_template, dirs, posedirs, j_regressor, parents, weights,
     The value checks of ``parents`` and ``faces`` read them to the host once per content, not per call.
     """
     _check("v_template", v_template, (None, 3))
-    nv = v_template.shape[0]
     dt, dev = v_template.dtype, v_template.device
-    _check("j_regressor", j_regressor, (None, nv), dt, dev)
-    nj = j_regressor.shape[0]
-    _check("coeffs", coeffs, (None, dirs.shape[-1] if dirs.dim() == 3 else None), dt, dev)
+    _check("coeffs", coeffs, (None, dirs.shape[-1] if isinstance(dirs, torch.Tensor) and dirs.dim() == 3 else None),
+           dt, dev)
     n = coeffs.shape[0]
-    _check("dirs", dirs, (nv, 3, coeffs.shape[1]), dt, dev)
+    nv, nj, _ = _check_model(v_template, dirs, posedirs, j_regressor, parents, weights, coeffs.shape[1])
     _check("pose", pose, (n, 3 * nj), dt, dev)
-    _check("posedirs", posedirs, (nv, 3, 9 * (nj - 1)), dt, dev)
-    _check("weights", weights, (nv, nj), dt, dev)
-    _check("parents", parents, (nj,))
     if translation is not None:
         _check("translation", translation, (n, 3), dt, dev)
     if out is not None:
@@ -517,23 +572,14 @@ def lbs(coeffs, pose, v_template, dirs, posedirs, j_regressor, parents, weights,
         faces32 = _graphs.once("lbs.faces32", (faces,), lambda: faces.to(torch.int32).contiguous())
 
     if use_graph:
-        sizes = [n * nv * 3, n * nj * 3] + ([] if faces is None else [n * nv * 3])
-        shapes = [(n, nv, 3), (n, nj, 3), (n, nv, 3)]
-
-        def packed(c, p, tr):  # every output in one buffer: the call then clones it in one copy
-            buf = torch.empty(sum(sizes), dtype=dt, device=dev)
-            parts = [x.view(shape) for x, shape in zip(buf.split(sizes), shapes)]
-            _, j = _lbs_triton(c, p, v_template, dirs, posedirs, par, weights, tr, joint_basis, parts[0])
-            parts[1].copy_(j)
-            if faces is not None:
-                _vertex_normals_triton(parts[0], faces32, vertex_faces, parts[2])
-            return (buf,)
+        packed, unpack = _packed_lbs(n, v_template, dirs, posedirs, par, weights, joint_basis,
+                                     None if faces is None else (faces32, vertex_faces))
 
         def finish(res):
             if out is None:
-                return [x.view(shape) for x, shape in zip(res[0].clone().split(sizes), shapes)]
-            out.copy_(res[0][:sizes[0]].view(shapes[0]))
-            return [out] + [x.view(shape) for x, shape in zip(res[0][sizes[0]:].clone().split(sizes[1:]), shapes[1:])]
+                return unpack(res[0].clone())
+            verts, *rest = unpack(res[0])
+            return [out.copy_(verts)] + [x.clone() for x in rest]
 
         keep = (v_template, dirs, posedirs, weights, joint_basis) + (() if faces is None else (faces32, vertex_faces))
         res = GRAPHS.run(("lbs", tuple(par)), packed, (coeffs, pose, translation), keep=keep, finish=finish)
@@ -543,3 +589,149 @@ def lbs(coeffs, pose, v_template, dirs, posedirs, j_regressor, parents, weights,
                                     joint_basis, out)
         normals = None if faces is None else _vertex_normals_triton(verts, faces32, vertex_faces)
     return (verts, joints) if faces is None else (verts, joints, normals)
+
+
+# --------------------------------------------------------------------------- prepared LBS
+def _same(t, shape, dtype, device) -> bool:
+    return isinstance(t, torch.Tensor) and t.shape == shape and t.dtype == dtype and t.device == device
+
+
+class LBSPlan:
+    """:func:`lbs` of one model at one batch size, prepared once (make it with :func:`lbs_plan`).
+
+    ``plan(coeffs, pose, translation=None, *, copy=True)`` -> ``(vertices, joints)`` or
+    ``(vertices, joints, normals)``, equal to :func:`lbs` on the same tensors. The inputs must have
+    exactly the shapes of :attr:`input_shapes` ((N, K), (N, 3J), (N, 3)), the model's dtype and
+    device (any strides); ``translation`` is required by a plan made with ``translation=True`` and
+    refused by one made with ``translation=False``. ``copy=False`` returns the graph's static output
+    buffers themselves: valid until the next call of this plan, which overwrites them (read them on
+    the calling stream or copy them first; one caller at a time); on the paths without a graph results
+    are fresh either way. Calls are serialised by a lock, so ``copy=True`` is safe from several threads.
+    """
+
+    def __init__(self, v_template, dirs, posedirs, j_regressor, parents, weights, *, batch, faces=None,
+                 translation=True, impl="auto", graph=None):
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
+            raise ValueError(f"batch must be an int >= 0, got {batch!r}")
+        if not isinstance(translation, bool):
+            raise ValueError(f"translation must be True or False, got {translation!r}")
+        if graph not in (None, True, False):
+            raise ValueError(f"graph must be None, True or False, got {graph!r}")
+        nv, nj, k = _check_model(v_template, dirs, posedirs, j_regressor, parents, weights)
+        dt, dev = v_template.dtype, v_template.device
+        _parents_list(parents)  # value check (one host read, here rather than per call)
+        if faces is not None:
+            faces = _checked_faces(faces, nv)
+            if faces.device != dev:
+                raise ValueError(f"faces are on {faces.device}, the model on {dev}")
+        self.model = (v_template, dirs, posedirs, j_regressor, parents, weights)
+        self.faces, self.batch, self.translation, self.impl, self.graph = faces, batch, translation, impl, graph
+        self.dtype, self.device = dt, dev
+        self.input_shapes = (torch.Size((batch, k)), torch.Size((batch, 3 * nj)), torch.Size((batch, 3)))
+        self.captures = self.replays = 0  # graph captures / replays of this plan (tests and benchmarks)
+        self._graphable = _use_triton(impl, dev, dt, "lbs_plan") and graph is not False and batch > 0 and nv > 0
+        self._grad_check = (v_template, dirs, posedirs, weights)  # what lbs's graph decision looks at too
+        # the one-time work derives from these (joint basis, parents list, faces tables): an in-place
+        # update of one bumps its version counter and the next call redoes that work (inference
+        # tensors have no counter: updates of them are not seen, as in _graphs.once)
+        self._sources = tuple(t for t in (v_template, dirs, j_regressor, parents, faces)
+                              if t is not None and not t.is_inference())
+        self._lock = threading.Lock()
+        self._static = None  # (StaticGraph, views of its packed output)
+        self._unpack = None
+        self._failed = False
+        self._seen = None
+        if self._graphable and _graphs.usable(dev, self._grad_check):
+            with self._lock:
+                self._prepare()
+        elif graph:
+            raise ValueError(_GRAPH_NEEDS)
+
+    def _versions(self):
+        return tuple(t._version for t in self._sources)
+
+    def _prepare(self):
+        """The graph path's one-time work: joint basis, parents list, faces tables and the capture."""
+        v_template, dirs, posedirs, j_regressor, parents, weights = self.model
+        self._static, self._failed, self._seen = None, False, self._versions()
+        par = _parents_list(parents)
+        basis = construct_joint_basis(j_regressor, v_template, dirs)
+        normals = None
+        if self.faces is not None:
+            normals = (self.faces.to(torch.int32).contiguous(), construct_vertex_faces(self.faces, v_template.shape[0]))
+        fn, self._unpack = _packed_lbs(self.batch, v_template, dirs, posedirs, par, weights, basis, normals)
+        inputs = [torch.zeros(s, dtype=self.dtype, device=self.device) for s in self.input_shapes]
+        if not self.translation:
+            inputs[2] = None
+        try:
+            g = _graphs.capture(fn, inputs, keep=self.model + (basis,) + (normals or ()))
+        except RuntimeError as e:  # e.g. an op that cannot be captured: run without the graph from now on
+            warnings.warn(f"lbs_plan: CUDA graph capture failed ({e}); running without graphs", RuntimeWarning,
+                          stacklevel=3)
+            self._failed = True
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            return
+        self.captures += 1
+        self.replays += 1
+        self._static = (g, tuple(self._unpack(g.outputs[0])))
+
+    def _reject(self, name, t, shape):
+        if name == "translation" and t is None:
+            raise ValueError(f"lbs_plan: this plan was made with translation=True: pass translation of shape "
+                             f"{tuple(shape)}")
+        try:
+            _check(name, t, tuple(shape), self.dtype, self.device)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"lbs_plan (batch={self.batch}): {e}") from None
+
+    def __call__(self, coeffs, pose, translation=None, *, copy=True):
+        dt, dev = self.dtype, self.device
+        cs, ps, ts = self.input_shapes
+        if not _same(coeffs, cs, dt, dev):
+            self._reject("coeffs", coeffs, cs)
+        if not _same(pose, ps, dt, dev):
+            self._reject("pose", pose, ps)
+        if self.translation:
+            if not _same(translation, ts, dt, dev):
+                self._reject("translation", translation, ts)
+        elif translation is not None:
+            raise ValueError("lbs_plan: this plan was made with translation=False; pass translation=None or "
+                             "make a plan with translation=True")
+        inputs = (coeffs, pose, translation)
+        if self._graphable and _graphs.usable(dev, inputs + self._grad_check):
+            with self._lock:
+                if (self._static is None and not self._failed) or self._versions() != self._seen:
+                    self._prepare()
+                if self._static is not None:
+                    g, views = self._static
+                    buf = g.replay(inputs)[0]
+                    self.replays += 1
+                    return tuple(self._unpack(buf.clone())) if copy else views
+        elif self.graph:
+            raise ValueError(_GRAPH_NEEDS)
+        v_template, dirs, posedirs, j_regressor, parents, weights = self.model
+        return lbs(coeffs, pose, v_template, dirs, posedirs, j_regressor, parents, weights, translation,
+                   faces=self.faces, impl=self.impl, graph=False)
+
+    def __repr__(self):
+        path = "graph" if self._static is not None else "no graph"
+        return (f"LBSPlan(batch={self.batch}, vertices={self.model[0].shape[0]}, components={self.input_shapes[0][1]}, "
+                f"joints={self.model[3].shape[0]}, normals={self.faces is not None}, "
+                f"translation={self.translation}, {self.dtype}, {self.device}, impl={self.impl!r}, path={path})")
+
+
+_GRAPH_NEEDS = ("graph=True needs the Triton path on CUDA (impl 'auto'/'triton'), MVP_CUDA_GRAPHS=1, a non-empty "
+                "batch, no inputs that require grad and no CUDA graph capture in progress")
+
+
+def lbs_plan(v_template, dirs, posedirs, j_regressor, parents, weights, *, batch, faces=None, translation=True,
+             impl="auto", graph=None) -> LBSPlan:
+    """Prepare :func:`lbs` for one model and batch size; returns an :class:`LBSPlan` to call per frame.
+
+    Model tensors as in :func:`lbs`; ``batch`` the N of every call; ``faces`` (F, 3) to also return
+    normals; ``translation`` whether calls pass one; ``impl`` / ``graph`` as in :func:`lbs`. All
+    validation and one-time work happen here (see the module docstring, "Prepared calls").
+    """
+    return LBSPlan(v_template, dirs, posedirs, j_regressor, parents, weights, batch=batch, faces=faces,
+                   translation=translation, impl=impl, graph=graph)
