@@ -408,7 +408,8 @@ def engine_stage_costs(engine, m: dict, args) -> dict:
                                                          modes=("normal", "depth", "mask"))), dev) / hop
     maps = torch.zeros(1, args.views, w, model.config.unet.flame_channels, model.config.image_size,
                        model.config.image_size, device=dev, dtype=pipe.dtype)
-    out["flame_encoder"] = _timeit(lambda: model.encode_renders(maps), dev) / hop
+    new_maps = maps[:, :, :hop]  # the stream encodes a window's new frames (the overlap keeps its features)
+    out["flame_encoder"] = _timeit(lambda: model.encode_renders(new_maps), dev) / hop
     ctx = pipe.prepare(m["reference"])
     feats = model.encode_renders(maps)
     feats = feats.expand(b, *feats.shape[1:]).contiguous()
