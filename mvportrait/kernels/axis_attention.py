@@ -22,10 +22,11 @@ positions, head): it loads K and V of the whole axis for its positions into regi
 float32 (``exp2`` with the scale folded into ``log2 e``) and the weighted sum of V, and writes
 row i; ``axis_attention_bmm`` -- the CPU path: one permute copy of each input (to float32) into
 (positions * H, L, D) rows, ``torch.bmm`` for the scores, the softmax in float32, ``torch.bmm`` for
-the weighted sum, one permute copy back (SDPA's CPU kernel pays a per-(row, head) overhead that
-dominates at L <= 32: the bmm path is 1.5-2.5x faster at the tiny UNet's shapes, same float32
-accuracy; ``benchmarks/bench_kernels.py``). ``"auto"`` runs Triton on CUDA tensors when triton is
-installed, the bmm path on CPU tensors, the reference elsewhere; ``"triton"`` on CPU tensors needs
+the weighted sum, one permute copy back. With bfloat16 / float16 inputs SDPA's CPU kernel pays a
+per-(row, head) overhead that dominates at L <= 32: there the bmm path is 1.1-2x faster (the tiny
+UNet's shapes and sd15's, ``benchmarks/bench_kernels.py``, ``kernels_cpu.json``), at float32 accuracy
+inside; with float32 inputs SDPA is as fast or faster. ``"auto"`` runs Triton on CUDA tensors when
+triton is installed, the bmm path on half-precision CPU tensors, the reference elsewhere; ``"triton"`` on CPU tensors needs
 the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported), else a
 RuntimeError. Limits of the kernel: L <= 32, D <= 256.
 
@@ -204,7 +205,8 @@ def axis_attention(q, k, v, heads: int, axis: str, *, scale: float | None = None
         raise ValueError(f"axis_attention: impl must be one of {', '.join(_IMPLS)}, got {impl!r}")
     use_triton = impl == "triton" or (impl == "auto" and q.device.type == "cuda" and triton_available())
     if not use_triton:
-        fast = impl == "bmm" or (impl == "auto" and q.device.type == "cpu")
+        fast = impl == "bmm" or (impl == "auto" and q.device.type == "cpu" and q.dtype in (torch.bfloat16,
+                                                                                            torch.float16))
         res = (axis_attention_bmm if fast else axis_attention_ref)(q, k, v, heads, axis, scale=scale)
         return res if out is None else out.copy_(res)
     kernel = launcher(_axis_attention_kernel, q.device, "axis_attention")

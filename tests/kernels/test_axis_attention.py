@@ -103,11 +103,15 @@ def test_reference_is_attention_along_the_axis():
     torch.testing.assert_close(o2[0, 2, :, n, :4], torch.softmax(qs @ ks.T / 2, -1) @ vs)
 
 
-def test_auto_is_the_bmm_path_on_cpu():
-    q, k, v = _qkv(_shape("view", 3), 2, "fused_qkv")
-    if not CUDA:
-        torch.testing.assert_close(axis_attention(q, k, v, 2, "view"), axis_attention_bmm(q, k, v, 2, "view"),
-                                   atol=0, rtol=0)
+def test_auto_on_cpu_is_bmm_for_half_inputs_and_sdpa_for_float32():
+    if CUDA:
+        pytest.skip("auto runs Triton on CUDA tensors")
+    q, k, v = _qkv(_shape("view", 3), 2, "fused_qkv", torch.bfloat16)
+    torch.testing.assert_close(axis_attention(q, k, v, 2, "view"), axis_attention_bmm(q, k, v, 2, "view"),
+                               atol=0, rtol=0)
+    q, k, v = _qkv(_shape("frame", 5), 2, "fused_qkv")
+    torch.testing.assert_close(axis_attention(q, k, v, 2, "frame"), axis_attention_ref(q, k, v, 2, "frame"),
+                               atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
