@@ -21,8 +21,11 @@ permute) and, when CUDA and triton exist, the Triton path, at the shapes the eng
   ``rasterize`` alone and ``rasterize`` + ``normal_map`` (what the FLAME encoder consumes),
   Triton vs ``rasterize_ref`` / ``normal_map_ref``: latency (ms) and triangles/s (N * F input
   triangles per second), each as the engine calls it (on CUDA: a CUDA graph replay) and without
-  the graph (``triton-nograph``). ``--raster-sweep`` also prints the Triton path for other tile sizes,
-  triangles per step and warp counts, and a per-kernel GPU time breakdown (not written as rows).
+  the graph (``triton-nograph``); ``triton-countbin`` rows: the same public calls with the counting
+  bin (``rasterize_triton.BINNING = "count"`` for the call; the default stays the sort bin until
+  these rows decide). ``--raster-sweep`` also prints the Triton path for other tile sizes,
+  triangles per step and warp counts, and a per-kernel GPU time breakdown of both binning modes
+  (not written as rows).
 
 Each timing gives a latency row (ms) and, from the bytes/FLOPs the kernel modules document
 (``lbs_cost``, ``axis_attention_cost``), achieved GB/s and (attention) TFLOP/s rows; the
@@ -174,13 +177,27 @@ def bench_rasterize(dev, repeat, sync, sweep=False):
     def fused(impl, graph=None):  # the renderer's call: on CUDA one graph for both, one host read
         return lambda: rast.rasterize_normal_map(pix, normals, faces, size, size, impl=impl, graph=graph)
 
+    def countbin(fn):  # the same public call with the counting bin (the default binning is read per call)
+        def run():
+            old, rt.BINNING = rt.BINNING, "count"
+            try:
+                return fn()
+            finally:
+                rt.BINNING = old
+        return run
+
     rows = []
     # "triton": the public call as the engine makes it (on CUDA a CUDA graph replay + one read of the
     # pair count; with the normal map: rasterize_normal_map, both in one graph); "triton-2calls": graphed
-    # rasterize, then normal_map; "triton-nograph": the same kernels launched one by one, buffers sized exactly
+    # rasterize, then normal_map; "triton-nograph": the same kernels launched one by one, buffers sized exactly;
+    # "triton-countbin(-nograph)": "triton(-nograph)" with the counting bin instead of the sort
     cases = [("rasterize", "triton", tri("triton"), repeat),
-             ("rasterize", "triton-nograph", tri("triton", False), repeat), ("rasterize", "torch-ref", tri("ref"), 5),
+             ("rasterize", "triton-countbin", countbin(tri("triton")), repeat),
+             ("rasterize", "triton-nograph", tri("triton", False), repeat),
+             ("rasterize", "triton-countbin-nograph", countbin(tri("triton", False)), repeat),
+             ("rasterize", "torch-ref", tri("ref"), 5),
              ("rasterize+normal_map", "triton", fused("triton"), repeat),
+             ("rasterize+normal_map", "triton-countbin", countbin(fused("triton")), repeat),
              ("rasterize+normal_map", "triton-2calls", tri_nm("triton"), repeat),
              ("rasterize+normal_map", "triton-nograph", fused("triton", False), repeat),
              ("rasterize+normal_map", "torch-ref", tri_nm("ref"), 5)]
@@ -218,7 +235,9 @@ def _raster_sweep(pix, faces, normals, size, sync):
     frags = rt.rasterize_triton(pix, faces, size, size, graph=False)
     nograph = p50(lambda: rt.rasterize_triton(pix, faces, size, size, graph=False))
     print(f"breakdown (p50 ms): rasterize_triton {nograph:.3f}, "
+          f"count bin {p50(lambda: rt.rasterize_triton(pix, faces, size, size, graph=False, binning='count')):.3f}, "
           f"graphed {p50(lambda: rt.rasterize_triton(pix, faces, size, size)):.3f}, "
+          f"graphed count bin {p50(lambda: rt.rasterize_triton(pix, faces, size, size, binning='count')):.3f}, "
           f"public rasterize {p50(lambda: rast.rasterize(pix, faces, size, size, impl='triton')):.3f}, "
           f"normal_map_triton {p50(lambda: rt.normal_map_triton(normals, faces, frags)):.3f}, "
           f"public normal_map {p50(lambda: rast.normal_map(normals, faces, frags, impl='triton')):.3f}, "
@@ -233,12 +252,14 @@ def _raster_sweep(pix, faces, normals, size, sync):
           f"{(t1 - t0) / 200 * 1e6:.1f} us")
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for _ in range(10):
-            f2 = rt.rasterize_triton(pix, faces, size, size, graph=False)
-            rt.normal_map_triton(normals, faces, f2)
-        sync()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    for binning in rt.BINNINGS:  # per-kernel GPU time of each binning mode (10 calls)
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                f2 = rt.rasterize_triton(pix, faces, size, size, graph=False, binning=binning)
+                rt.normal_map_triton(normals, faces, f2)
+            sync()
+        print(f"binning={binning!r}, 10 calls:")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     print(f"{int(frags.mask.sum())} covered pixels of {frags.mask.numel()}")
 
 

@@ -19,29 +19,46 @@ Pipeline (one call of :func:`rasterize_triton`, N images of one mesh topology):
    triangle ``t = image * F + face`` keeps its slot, so no sync is needed here. Each program
    also runs the reference's value checks on its share of the input (every vertex finite, every
    face index in range) and writes a flag after the counts.
-2. Binning (torch + ``_raster_bin_kernel``): one ``cumsum`` over counts and flags gives every
-   triangle's pair offset, the total number of (triangle, tile) pairs ``E`` and the count of
-   failed checks. ``_raster_bin_kernel`` writes each triangle's pairs at its exclusive-prefix
-   offset (int32 key = image * tiles + tile); a stable ``torch.sort`` by key groups them per
-   (image, tile) in ascending triangle id (the raster kernel reads the ids through the sort's
-   permutation), and ``searchsorted`` finds the list boundaries. No atomics. Two ways to size
-   the pair buffers:
+2. Binning, two modes (``binning=`` of the public functions, default :data:`BINNING` = ``"sort"``;
+   the same pairs, bit-identical fragments either way, tested against each other and the reference):
+
+   * ``"sort"`` (torch + ``_raster_bin_kernel``): one ``cumsum`` over counts and flags gives every
+     triangle's pair offset, the total number of (triangle, tile) pairs ``E`` and the count of
+     failed checks. ``_raster_bin_kernel`` writes each triangle's pairs at its exclusive-prefix
+     offset (int32 key = image * tiles + tile); a stable ``torch.sort`` by key groups them per
+     (image, tile) in ascending triangle id (the raster kernel reads the ids through the sort's
+     permutation), and ``searchsorted`` finds the list boundaries. No atomics.
+   * ``"count"`` (``_raster_count_kernel`` twice + torch; no sort, no searchsorted, no
+     permutation): pass 1 adds 1 per pair to its (image, tile) counter (int32 atomics into a
+     zeroed ``N * tiles + 1`` buffer, tile k at k + 1); one ``cumsum`` of the counters ends every
+     tile's list (int64, ``[0, end of tile 0, ...]``, the last entry is ``E``; the failed checks
+     are the sum of the flags); pass 2 counts the counters back down and writes each triangle id
+     to the slot its decrement gives (``end[k + 1] - c``, c in [1, count]), so the list holds
+     every pair exactly once, grouped per tile, in an order the atomics decide -- the raster
+     kernel's result does not depend on it (see step 3). Not yet timed on a GPU (the hope: the
+     sort's ~41 us and the searchsorted become a memset, two bin-sized kernels, a 16k-entry
+     cumsum and a flags sum at the head's 4 x 512^2, and the raster kernel skips the permutation
+     read); :data:`BINNING` stays ``"sort"`` until a GPU run decides.
+
+   Two ways to size the pair buffers (both modes):
 
    * exact (:func:`rasterize_triton` off CUDA graphs, the reference behaviour): the one host
      sync of the call reads ``E`` and the flags (on a failure the reference's checks run and
      raise their message) and the buffers get exactly ``E`` entries -- nothing is ever dropped.
    * capacity (:func:`rasterize_triton_no_sync`, what the CUDA graph replays): no host sync,
-     every shape independent of the data. The buffers hold a fixed ``capacity`` (keys prefilled
-     with ``INT32_MAX``, which the sort puts after every real key and ``searchsorted`` never
-     counts; the bin kernel masks writes past ``capacity``) and a (2,) int64 device tensor
-     ``stat = [E, failed checks]`` is returned for the caller to read afterwards. ``E <=
+     every shape independent of the data. The buffers hold a fixed ``capacity`` (sort: keys
+     prefilled with ``INT32_MAX``, which the sort puts after every real key and ``searchsorted``
+     never counts, the bin kernel masks writes past ``capacity``; count: the scatter masks slots
+     past ``capacity`` and the raster kernel clamps the list bounds to it) and a (2,) int64 device
+     tensor ``stat = [E, failed checks]`` is returned for the caller to read afterwards. ``E <=
      capacity`` and no failed check: bit-identical to the exact path; otherwise the result is
-     invalid and the caller reruns the exact path.
+     invalid and the caller reruns the exact path (never a dropped triangle in a returned result).
 3. ``_raster_tiles_kernel`` -- one launch, one program per (image, tile) of ``TILE_H x TILE_W``
    pixels (every view in the same grid): loops over the tile's list ``BLOCK_T`` triangles at a
    time ((pixels, BLOCK_T) blocks), evaluates the edge functions and the depth in float64 and
    keeps the nearest depth and its triangle in registers (exact ties -> the lowest triangle id,
-   compared explicitly, so the result does not depend on the list order). At the end the
+   compared explicitly: the lexicographic minimum of (depth, id), so the result does not depend
+   on the list order, and the counting bin's unordered lists give the same bits). At the end the
    winner's record is gathered once per pixel to compute its barycentrics, and tri_id, bary,
    depth and mask are written once (empty pixels too: -1 / 0 / 0 / False); pixels past the
    image edge (sizes that are not tile multiples) are masked.
@@ -58,8 +75,8 @@ Pipeline (one call of :func:`rasterize_triton`, N images of one mesh topology):
 CUDA graphs (:func:`_graphed`; the default of :func:`rasterize_triton`,
 :func:`rasterize_normal_map_triton` and the public ``rasterize`` / ``rasterize_normal_map`` for
 CUDA tensors, ``graph=False`` turns it off, as does ``MVP_CUDA_GRAPHS=0``): the first call of a
-(shapes, options) key runs the exact path and sets the capacity to a multiple of 4096 >= 1.25 E
-(at least :data:`MIN_CAPACITY`); later calls replay one graph of steps 1-3 (with the normal map:
+(shapes, options, binning mode) key runs the exact path and sets the capacity to a multiple of
+4096 >= 1.25 E (at least :data:`MIN_CAPACITY`); later calls replay one graph of steps 1-3 (with the normal map:
 1-4, the normal-map flags summed on the device into ``stat = [E, failed raster checks, failed
 normal-map checks]``) per (key, capacity, ``faces`` address, normal map or not) -- ``faces`` read
 in place as a constant, the vertices (and normals) copied into the graph's input buffers -- then
@@ -76,8 +93,10 @@ dtype (float32 for float16 / bfloat16 attributes).
 
 Cost (N images, F faces, E pairs, P = N H W pixels, s = output float size):
 setup reads ~(24 + 36) bytes and writes 148 bytes per (image, face), ~80 FLOPs; binning moves
-~40 bytes per pair (key + id written, sorted, gathered) plus 8 bytes per tile; the raster kernel
-reads ~140 bytes per pair (record + list entry + permutation, mostly L2) and evaluates
+~40 bytes per pair (key + id written, sorted, gathered) plus 8 bytes per tile (the counting bin: rereads
+the 16-byte rectangle + count per triangle, two 4-byte atomics and a 4-byte id per pair, ~16 bytes per tile
+for the counters and their cumsum); the raster kernel reads ~140 bytes per pair (record + list entry +
+permutation, mostly L2; 8 fewer with the counting bin) and evaluates
 ``TILE_H * TILE_W`` pixel centres per pair at ~45 float64 FLOPs each (three edge functions,
 the top-left test, four divisions counted as one each), then per pixel gathers 128 bytes for
 the winner and writes ``8 + 3 s + s + 1`` bytes. Interpolation per pixel: reads 8 + 1 + 3 s + 24
@@ -86,8 +105,9 @@ bytes. The 9,976-face head seen by 4 views at 512^2: 18,392 of 39,904 triangles 
 pairs with 8x8 tiles (38k with 16x16, 27k with 32x32), i.e. 4.1M pixel evaluations (9.8M, 28M)
 ~ 0.2 GFLOP float64; ~25 MB of outputs (+25 MB for the float32 normal map). The graph path sorts
 its capacity C (a multiple of 4096 in [1.25 E, 1.25 E + 4096), 81,920 for the head's 64k pairs)
-instead of E keys, plus 12 bytes per padding key written, and copies the outputs once more (the
-clone: 2 x 25 MB moved for the head, ~12 us at 4 TB/s; 2 x 50 MB with the normal map).
+instead of E keys, plus 12 bytes per padding key written (the counting bin: nothing per unused slot),
+and copies the outputs once more (the clone: 2 x 25 MB moved for the head, ~12 us at 4 TB/s; 2 x 50 MB
+with the normal map).
 
 Measured on an H200 (``bench_kernels.py --raster-sweep`` in ``benchmarks/gpu_suite.sh``, the tree of
 67f66e1; ``benchmarks/results/kernels_nvidia-h200.json`` and ``gpu_suite_h200.txt``), 4 x 512^2 of the
@@ -98,7 +118,9 @@ bin 3 us; the rest is host time (launches, allocations, two device-to-host reads
 Graphed (H200, same scene, capacity then a power of two >= 1.5 E): public ``rasterize`` 0.290 ms,
 ``rasterize`` + ``normal_map`` 0.586 ms (the separate normal-map call: a launch, allocations and a
 flag sync, ~0.3 ms of host time). ``rasterize_normal_map`` runs both in one graph with one host read
-(target < 0.3 ms); not yet timed on a GPU.
+(target < 0.3 ms); not yet timed on a GPU. The counting bin (``binning="count"``, rows
+``triton-countbin`` of ``bench_kernels.py``) is tested on the CPU interpreter only, not yet compiled or
+timed on a GPU.
 """
 from __future__ import annotations
 
@@ -114,10 +136,12 @@ triton = None
 tl = None
 
 __all__ = ["rasterize_triton", "rasterize_triton_no_sync", "rasterize_normal_map_triton", "interpolate_triton",
-           "normal_map_triton", "triton_available", "TILE", "REC", "GRAPHS", "MIN_CAPACITY"]
+           "normal_map_triton", "triton_available", "TILE", "REC", "GRAPHS", "MIN_CAPACITY", "BINNING", "BINNINGS"]
 
 TILE = (8, 8)  # default tile (rows, columns) of the raster kernel on the GPU
 REC = 16  # float64 words per triangle record
+BINNINGS = ("sort", "count")  # step 2's modes (module docstring)
+BINNING = "sort"  # the default (binning=None): "count" is not yet timed on a GPU
 _INT32_MAX = 2**31 - 1
 
 
@@ -238,11 +262,45 @@ def _raster_bin_kernel(cnt_ptr, ends_ptr, rect_ptr, key_ptr, tri_ptr, NF, F, TX,
 
 
 @triton_kernel
+def _raster_count_kernel(cnt_ptr, rect_ptr, tc_ptr, end_ptr, list_ptr, NF, F, TX, TPI, CAP, SCATTER: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    # Counting bin, one program per block of triangles, the same (triangle, tile) pairs as
+    # _raster_bin_kernel. tc (N*TPI + 1,) int32, zeroed by the caller: tile key's counter is tc[key + 1].
+    # Pass 1 (not SCATTER): tc[key + 1] += 1 per pair. The caller's cumsum of tc is end (N*TPI + 1,)
+    # int64: tile key's list is [end[key], end[key + 1]). Pass 2 (SCATTER): the counters count back
+    # down; the value a pair takes off, c in [1, count], gives it the slot end[key + 1] - c, so every
+    # slot of [0, E) gets exactly one triangle id (in an order the atomics decide; the raster kernel's
+    # result does not depend on it). Slots >= CAP (the list buffer's length) are dropped; the
+    # caller detects that from E > CAP.
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tm = t < NF
+    cnt = tl.load(cnt_ptr + t, mask=tm, other=0)
+    tx0 = tl.load(rect_ptr + t * 3 + 0, mask=tm, other=0)
+    ty0 = tl.load(rect_ptr + t * 3 + 1, mask=tm, other=0)
+    tw = tl.load(rect_ptr + t * 3 + 2, mask=tm, other=1)
+    base = (t // F) * TPI + 1
+    for k in range(0, tl.max(cnt, axis=0)):
+        m = tm & (k < cnt)
+        dy = k // tw
+        key1 = base + (ty0 + dy) * TX + tx0 + (k - dy * tw)  # key + 1
+        if SCATTER:
+            c = tl.atomic_add(tc_ptr + key1, -1, mask=m, sem="relaxed")
+            slot = tl.load(end_ptr + key1, mask=m, other=0) - c
+            tl.store(list_ptr + slot, t, mask=m & (slot < CAP))
+        else:
+            tl.atomic_add(tc_ptr + key1, 1, mask=m, sem="relaxed")
+
+
+@triton_kernel
 def _raster_tiles_kernel(rec_ptr, list_ptr, order_ptr, start_ptr, tri_ptr, bary_ptr, depth_ptr, mask_ptr, F, H, W,
-                         TX, TPI, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_T: tl.constexpr):
-    # rec (N*F, 16) f64; list (E,) int32 triangle ids t = image * F + face in binning order and
-    # order (E,) int64 the permutation that groups them by (image, tile) (list[order[k]]);
-    # start (N*TPI + 1,) int64; outputs tri (N, H, W) int64, bary (N, H, W, 3), depth (N, H, W), mask
+                         TX, TPI, CAP, PERM: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                         BLOCK_T: tl.constexpr):
+    # rec (N*F, 16) f64; list (>= CAP,) int32 triangle ids t = image * F + face; PERM (sort
+    # binning): in binning order, and order (E,) int64 the permutation that groups them by (image,
+    # tile) (list[order[k]]); not PERM (counting bin): grouped already (list[k]), order unused.
+    # start (N*TPI + 1,) int64: tile pid's entries are [start[pid], start[pid + 1]), clamped to CAP
+    # (the counting bin's capacity mode: lists past the buffer, the result is discarded);
+    # outputs tri (N, H, W) int64, bary (N, H, W, 3), depth (N, H, W), mask
     # (N, H, W) uint8 view of bool. One program per (image, tile).
     pid = tl.program_id(0)
     img = pid // TPI
@@ -259,12 +317,15 @@ def _raster_tiles_kernel(rec_ptr, list_ptr, order_ptr, start_ptr, tri_ptr, bary_
     big: tl.constexpr = 2147483647
     best_d = tl.full((TILE_H * TILE_W,), float("inf"), tl.float64)
     best_t = tl.full((TILE_H * TILE_W,), big, tl.int32)
-    lo = tl.load(start_ptr + pid)
-    hi = tl.load(start_ptr + pid + 1)
+    lo = tl.minimum(tl.load(start_ptr + pid), CAP)
+    hi = tl.minimum(tl.load(start_ptr + pid + 1), CAP)
     for s in range(lo, hi, BLOCK_T):
         k = s + tl.arange(0, BLOCK_T)
         km = k < hi
-        t = tl.load(list_ptr + tl.load(order_ptr + k, mask=km, other=0), mask=km, other=0)  # (T,)
+        if PERM:
+            t = tl.load(list_ptr + tl.load(order_ptr + k, mask=km, other=0), mask=km, other=0)  # (T,)
+        else:
+            t = tl.load(list_ptr + k, mask=km, other=0)
         r = rec_ptr + t.to(tl.int64) * 16
         own = tl.load(r + 15, mask=km, other=0.0).to(tl.int32)[None, :]
         # oriented edge i at p: sdx_i * (p_v - ay_i) - sdy_i * (p_u - ax_i), inside => > 0
@@ -404,9 +465,19 @@ def _defaults(device: torch.device, tile, block_t, num_warps):
     return tile, block_t, 4 if num_warps is None else num_warps
 
 
+def _binning(binning) -> str:
+    """The ``binning`` argument: None -> :data:`BINNING` (read per call), else one of :data:`BINNINGS`."""
+    value = BINNING if binning is None else binning
+    if not isinstance(value, str) or value not in BINNINGS:
+        what = "binning" if binning is not None else "rasterize_triton.BINNING"
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, BINNINGS))} (or None for the default), "
+                         f"got {value!r}")
+    return value
+
+
 def rasterize_triton(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, width: int, *,
                      cull_backfaces: bool = True, near: float = 1e-4, tile=None, block_t: int | None = None,
-                     num_warps: int | None = None, out=None, graph: bool | None = None):
+                     num_warps: int | None = None, out=None, graph: bool | None = None, binning: str | None = None):
     """Triton rasterizer, same :class:`~mvportrait.kernels.rasterize.Fragments` as ``rasterize_ref``.
 
     ``verts_pix`` (N, Nv, 3) float (any float dtype; cast to float64 in the kernels), ``faces``
@@ -422,17 +493,21 @@ def rasterize_triton(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, 
     :func:`mvportrait.kernels._graphs.usable` allows it (CUDA, ``MVP_CUDA_GRAPHS`` not 0, no input
     that requires grad, no capture in progress) and N, F > 0; ``False`` never; ``True`` requires it
     (ValueError where it cannot be used). Same results either way (see :func:`_graphed`).
+
+    ``binning``: ``"sort"`` or ``"count"`` (step 2 of the module docstring; bit-identical results),
+    ``None`` for :data:`BINNING`; anything else raises ValueError.
     """
+    binning = _binning(binning)
     use = _use_graph(graph, verts_pix, faces)
     args = (height, width, bool(cull_backfaces), float(near), tile, block_t, num_warps)
     if use:
-        return _graphed(verts_pix, faces, *args, out)
-    return _raster(verts_pix, faces, *args, out)[0]
+        return _graphed(verts_pix, faces, *args, out, binning=binning)
+    return _raster(verts_pix, faces, *args, out, None, binning)[0]
 
 
 def rasterize_triton_no_sync(verts_pix: torch.Tensor, faces: torch.Tensor, height: int, width: int, capacity: int,
                              *, cull_backfaces: bool = True, near: float = 1e-4, tile=None, block_t: int | None = None,
-                             num_warps: int | None = None, out=None):
+                             num_warps: int | None = None, out=None, binning: str | None = None):
     """:func:`rasterize_triton` with pair buffers of a fixed ``capacity`` and no host sync.
 
     Every shape in it is independent of the data, so it can be captured in a CUDA graph. Returns
@@ -441,21 +516,24 @@ def rasterize_triton_no_sync(verts_pix: torch.Tensor, faces: torch.Tensor, heigh
     ``stat`` afterwards and otherwise reruns :func:`rasterize_triton` (which raises the reference's
     message for bad input): past ``capacity`` pairs are dropped (the writes are masked, no memory is
     touched out of bounds). With ``capacity >= E`` the result is bit-identical to the exact path.
-    Extra cost over it: the sort runs over ``capacity`` keys (padding ``INT32_MAX``, sorted last).
+    Extra cost over it: the sort runs over ``capacity`` keys (padding ``INT32_MAX``, sorted last);
+    the counting bin (``binning="count"``) costs the same either way, ``capacity`` only sizes its list.
     Needs N, F >= 1; other arguments as for :func:`rasterize_triton`.
     """
+    binning = _binning(binning)
     if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= _INT32_MAX:
         raise ValueError(f"capacity must be an int in [1, {_INT32_MAX}], got {capacity!r}")
     if verts_pix.shape[0] == 0 or faces.shape[0] == 0:
         raise ValueError(f"rasterize_triton_no_sync needs at least one image and one face, got "
                          f"{verts_pix.shape[0]} images and {faces.shape[0]} faces")
     return _raster(verts_pix, faces, height, width, bool(cull_backfaces), float(near), tile, block_t, num_warps,
-                   out, capacity)
+                   out, capacity, binning)
 
 
 def rasterize_normal_map_triton(verts_pix: torch.Tensor, normals: torch.Tensor, faces: torch.Tensor, height: int,
                                 width: int, *, cull_backfaces: bool = True, near: float = 1e-4, tile=None,
-                                block_t: int | None = None, num_warps: int | None = None, graph: bool | None = None):
+                                block_t: int | None = None, num_warps: int | None = None, graph: bool | None = None,
+                                binning: str | None = None):
     """``(frags, unit, rgb)``: :func:`rasterize_triton` then :func:`normal_map_triton` on its fragments.
 
     Same results (and messages for bad input) as those two calls. ``normals`` (N, Nv', 3) float on
@@ -463,19 +541,23 @@ def rasterize_normal_map_triton(verts_pix: torch.Tensor, normals: torch.Tensor, 
     ``rasterize_normal_map``). ``graph`` as for :func:`rasterize_triton`: where graphs are used,
     one CUDA graph replays the rasterizer's no-sync pipeline and the normal-map pass, and the call
     does one host read (:func:`_graphed`); otherwise (and for normals that require grad) the two
-    calls run as they are.
+    calls run as they are. ``binning`` as for :func:`rasterize_triton`.
     """
+    binning = _binning(binning)
     use = _use_graph(graph, verts_pix, faces)
     args = (height, width, bool(cull_backfaces), float(near), tile, block_t, num_warps)
     if use and _graphs.usable(verts_pix.device, (normals,)):
-        return _graphed(verts_pix, faces, *args, None, normals)
-    frags = _graphed(verts_pix, faces, *args, None) if use else _raster(verts_pix, faces, *args, None)[0]
+        return _graphed(verts_pix, faces, *args, None, normals, binning=binning)
+    frags = (_graphed(verts_pix, faces, *args, None, binning=binning) if use
+             else _raster(verts_pix, faces, *args, None, None, binning)[0])
     return (frags, *_interp(normals, faces, frags, True, None)[:2])
 
 
-def _raster(verts_pix, faces, height, width, cull, near, tile, block_t, num_warps, out, capacity=None):
+def _raster(verts_pix, faces, height, width, cull, near, tile, block_t, num_warps, out, capacity=None,
+            binning="sort"):
     """The pipeline (module docstring). ``capacity`` None: pair buffers of exactly E after the
-    host sync, returns ``(frags, E)``; an int (N, F >= 1): no sync, returns ``(frags, stat)``."""
+    host sync, returns ``(frags, E)``; an int (N, F >= 1): no sync, returns ``(frags, stat)``.
+    ``binning``: "sort" or "count" (checked by the callers, :func:`_binning`)."""
     from mvportrait.kernels.rasterize import Fragments  # noqa: PLC0415 -- rasterize imports us lazily
 
     dev, dtype = verts_pix.device, verts_pix.dtype
@@ -484,6 +566,7 @@ def _raster(verts_pix, faces, height, width, cull, near, tile, block_t, num_warp
     (th, tw), block_t, num_warps = _defaults(dev, tile, block_t, num_warps)
     tx, ty = _cdiv(width, tw), _cdiv(height, th)
     tpi = tx * ty
+    count = binning == "count"
     frags = out if out is not None else Fragments(
         tri_id=torch.empty(n, height, width, dtype=torch.int64, device=dev),
         bary=torch.empty(n, height, width, 3, dtype=dtype, device=dev),
@@ -495,12 +578,13 @@ def _raster(verts_pix, faces, height, width, cull, near, tile, block_t, num_warp
         raise ValueError(f"{n} images x {nf} faces (or x {tpi} tiles) exceed the Triton rasterizer's int32 ids")
     verts = verts_pix.contiguous()
     faces = faces.contiguous()
+    block = 128 if dev.type == "cuda" else 4096  # the interpreter pays per program, not per element
     if nf == 0:
         _reference_checks(verts_pix, faces)
         total = 0
         rec = torch.empty(0, REC, dtype=torch.float64, device=dev)
+        starts = torch.zeros(n * tpi + 1, dtype=torch.int64, device=dev) if count else None
     else:
-        block = 128 if dev.type == "cuda" else 4096  # the interpreter pays per program, not per element
         vblock = 4 * block
         g = max(_cdiv(nf, block), _cdiv(3 * nv, vblock))
         rec = torch.empty(n * nf, REC, dtype=torch.float64, device=dev)
@@ -509,35 +593,51 @@ def _raster(verts_pix, faces, height, width, cull, near, tile, block_t, num_warp
         launcher(_raster_setup_kernel, dev, "rasterize")[(g, n)](
             verts, faces, _const("near", near, dev), rec, rect, cnt, n, nf, nv, height, width, tx,
             CULL=cull, TILE_H=th, TILE_W=tw, BLOCK=block, VBLOCK=vblock, enable_fp_fusion=False)
-        ends = cnt.cumsum(0)  # int64
+        if count:  # pass 1: per-tile counts (atomics); their cumsum ends every tile's list
+            tc = torch.zeros(n * tpi + 1, dtype=torch.int32, device=dev)
+            launcher(_raster_count_kernel, dev, "rasterize")[(_cdiv(n * nf, block),)](
+                cnt, rect, tc, tc, tc, n * nf, nf, tx, tpi, 0, SCATTER=False, BLOCK=block)
+            starts = tc.cumsum(0)  # int64 [0, end of tile 0's list, ...]: tile k's list is [starts[k], starts[k+1])
+            stat = torch.cat((starts[-1:], cnt[n * nf:].sum(0, keepdim=True)))  # [E, failed checks]
+            vals = stat.tolist() if capacity is None else None  # the one host sync: pair count, failed checks
+        else:
+            ends = cnt.cumsum(0)  # int64
+            if capacity is None:
+                vals = ends[n * nf - 1:].tolist()  # the one host sync: pair count, then the count of failed checks
+                vals = [vals[0], vals[-1] - vals[0]]
+            else:
+                stat = ends[n * nf - 1::n * g].clone()  # [E, E + failed checks]: the counts' end, the flags' end
+                stat[1:] -= stat[:1]
         if capacity is None:
-            vals = ends[n * nf - 1:].tolist()  # the one host sync: pair count, then the count of failed checks
             total = vals[0]
-            if vals[-1] != total:
+            if vals[1]:
                 _reference_checks(verts_pix, faces)
                 raise ValueError("invalid rasterizer input")  # not reached: the reference checks raise
-        else:
-            stat = ends[n * nf - 1::n * g].clone()  # [E, E + failed checks]: the counts' end, the flags' end
-            stat[1:] -= stat[:1]
     if capacity is None and total > _INT32_MAX:
         raise ValueError(f"{total} (triangle, tile) pairs exceed int32; use larger tiles or fewer images per call")
     # exact: pair buffers sized from the actual count, nothing is dropped; capacity: fixed size,
-    # padding keys INT32_MAX (> every real key) sort last and are never read
+    # (sort) padding keys INT32_MAX (> every real key) sort last and are never read, (count) slots
+    # past the buffer dropped and the lists clamped to it (stat says E > capacity)
     size = total if capacity is None else capacity
     lists = torch.empty(max(size, 1), dtype=torch.int32, device=dev)
-    keys = (torch.empty(size, dtype=torch.int32, device=dev) if capacity is None
-            else torch.full((size,), _INT32_MAX, dtype=torch.int32, device=dev))
-    order = lists.new_zeros((1,), dtype=torch.int64) if size == 0 else None
-    if size:
-        block = 128 if dev.type == "cuda" else 4096
-        launcher(_raster_bin_kernel, dev, "rasterize")[(_cdiv(n * nf, block),)](
-            cnt, ends, rect, keys, lists, n * nf, nf, tx, tpi, size, BLOCK=block)
-        keys, order = torch.sort(keys, stable=True)  # grouped by (image, tile), ascending id within one
-    starts = torch.searchsorted(keys, _const("arange", n * tpi + 1, dev))
+    if count:
+        order = lists  # unused (PERM=False)
+        if size and nf:  # pass 2: triangle ids into their tiles' lists
+            launcher(_raster_count_kernel, dev, "rasterize")[(_cdiv(n * nf, block),)](
+                cnt, rect, tc, starts, lists, n * nf, nf, tx, tpi, size, SCATTER=True, BLOCK=block)
+    else:
+        keys = (torch.empty(size, dtype=torch.int32, device=dev) if capacity is None
+                else torch.full((size,), _INT32_MAX, dtype=torch.int32, device=dev))
+        order = lists.new_zeros((1,), dtype=torch.int64) if size == 0 else None
+        if size:
+            launcher(_raster_bin_kernel, dev, "rasterize")[(_cdiv(n * nf, block),)](
+                cnt, ends, rect, keys, lists, n * nf, nf, tx, tpi, size, BLOCK=block)
+            keys, order = torch.sort(keys, stable=True)  # grouped by (image, tile), ascending id within one
+        starts = torch.searchsorted(keys, _const("arange", n * tpi + 1, dev))
     launcher(_raster_tiles_kernel, dev, "rasterize")[(n * tpi,)](
         rec, lists, order, starts, frags.tri_id, frags.bary, frags.depth, frags.mask.view(torch.uint8),
-        nf, height, width, tx, tpi, TILE_H=th, TILE_W=tw, BLOCK_T=block_t, num_warps=num_warps,
-        enable_fp_fusion=False)
+        nf, height, width, tx, tpi, size, PERM=not count, TILE_H=th, TILE_W=tw, BLOCK_T=block_t,
+        num_warps=num_warps, enable_fp_fusion=False)
     return frags, (total if capacity is None else stat)
 
 
@@ -583,11 +683,12 @@ def _fragments(n, h, w, dtype, dev, buf=None, normal_dtype=None):
     return (buf, Fragments(*views[:4]), *views[4:])
 
 
-def _graphed(verts_pix, faces, height, width, cull, near, tile, block_t, num_warps, out, normals=None):
+def _graphed(verts_pix, faces, height, width, cull, near, tile, block_t, num_warps, out, normals=None, *,
+             binning="sort"):
     """:func:`rasterize_triton` through a CUDA graph of :func:`rasterize_triton_no_sync`; with
     ``normals``, :func:`rasterize_normal_map_triton`: the graph also runs the normal map.
 
-    The first call of a (shapes, options) key runs the exact path and sets the capacity to
+    The first call of a (shapes, options, binning) key runs the exact path and sets the capacity to
     :func:`_capacity_for` its E. Later calls replay the graph of (key, capacity, faces address,
     normal map or not) (captured on first use by :class:`~mvportrait.kernels._graphs.GraphCache`,
     ``faces`` read in place as a constant, the vertices and normals copied in), queue the copy of
@@ -602,13 +703,13 @@ def _graphed(verts_pix, faces, height, width, cull, near, tile, block_t, num_war
     dev = verts_pix.device
     (th, tw), block_t, num_warps = _defaults(dev, tile, block_t, num_warps)
     args = (height, width, cull, near, (th, tw), block_t, num_warps)
-    key = (n, nv, faces.shape[0], dev) + args
+    key = (n, nv, faces.shape[0], dev) + args + (binning,)  # binning: its own graphs (and capacity)
     nmap = normals is not None
     ndt = normals.dtype if nmap else None
     cap = _CAPACITY.get(key)
 
     def exact():  # the direct calls (exact pair buffers, host-synced checks: raise on bad input), which
-        frags, total = _raster(verts_pix, faces, *args, out)  # set or grow the capacity from their E
+        frags, total = _raster(verts_pix, faces, *args, out, None, binning)  # set or grow the capacity from E
         _CAPACITY[key] = max(cap or 0, _capacity_for(total))
         return (frags, *_interp(normals, faces, frags, True, None)[:2]) if nmap else frags
 
@@ -622,7 +723,7 @@ def _graphed(verts_pix, faces, height, width, cull, near, tile, block_t, num_war
     def fn(v, nm, f):
         f = faces if f is None else f
         buf, fr, *nmo = _fragments(n, height, width, v.dtype, dev, None, ndt)
-        stat = _raster(v, f, *args, fr, cap)[1]
+        stat = _raster(v, f, *args, fr, cap, binning)[1]
         if nmap:  # the normal map's check flags reduced into stat: still one host read
             flags = _interp(nm, f, fr, True, None, tuple(nmo), check=False)[2]
             stat = torch.cat((stat, (flags != 0).sum(0, keepdim=True)))

@@ -474,6 +474,61 @@ def test_fused_bad_input_raises_the_two_calls_messages(gen, fake_graphs):
         rast.rasterize_normal_map(pix.cpu(), bad_nrm.cpu(), faces.cpu(), h, w, impl="ref")
 
 
+def test_count_binning_graph_path_with_stand_in(gen, fake_graphs, monkeypatch):
+    """binning="count" through the graph path: its own capacity and graphs (the key holds the
+    mode), equal to the exact sort path with different vertices every call; a capacity learned
+    from an empty frame overflows (exact rerun, the capacity grows, a graph of the new size);
+    the fused normal map; ``BINNING = "count"`` sends the public calls to the same graphs."""
+    monkeypatch.setattr(RT, "MIN_CAPACITY", 4)
+    h, w = 19, 23
+    frames, faces = _frames(gen, 2, h, w, 3, n_tri=25)
+    hidden = frames[0].clone()
+    hidden[..., 2] = -1.0  # E = 0: capacity 4
+    assert not RT.rasterize_triton(hidden, faces, h, w, binning="count").mask.any()
+    ((key, cap),) = RT._CAPACITY.items()
+    assert "count" in key and cap == 4
+    e = _pairs(frames[0], faces, h, w)
+    assert e > 4
+    for i, pix in enumerate(frames):  # overflow (capture, exact rerun), capture of the new size, replay
+        got = RT.rasterize_triton(pix, faces, h, w, binning="count")
+        _assert_equal(got, _exact(pix, faces, h, w, binning="sort"), f"(frame {i}, seed {gen.initial_seed()})")
+        assert RT._CAPACITY[key] == RT._capacity_for(e)
+    assert fake_graphs.captures == 2 and fake_graphs.replays == 1
+    for pix in frames[:2]:  # the sort mode: another key, capacity and graph
+        _assert_equal(RT.rasterize_triton(pix, faces, h, w, binning="sort"), _exact(pix, faces, h, w))
+    assert len(RT._CAPACITY) == 2 and fake_graphs.captures == 3
+    for i, pix in enumerate(frames):
+        nrm = _normals(gen, pix)
+        got = RT.rasterize_normal_map_triton(pix, nrm, faces, h, w, binning="count")
+        _assert_fused_equal(got, _two_calls(pix, nrm, faces, h, w), f"(fused frame {i})")
+    assert fake_graphs.captures == 4 and len(RT._CAPACITY) == 2  # the count key's capacity, its own graph
+    monkeypatch.setattr(RT, "BINNING", "count")
+    replays = fake_graphs.replays
+    pix, nrm = frames[1], _normals(gen, frames[1])
+    _assert_fused_equal(rast.rasterize_normal_map(pix, nrm, faces, h, w, impl="triton"),
+                        _two_calls(pix, nrm, faces, h, w))
+    _assert_equal(rast.rasterize(pix, faces, h, w, impl="triton"), _exact(pix, faces, h, w, binning="sort"))
+    assert fake_graphs.captures == 4 and fake_graphs.replays == replays + 2
+    with pytest.raises(ValueError, match="binning must be one of"):
+        RT.rasterize_triton(pix, faces, h, w, binning="radix")
+
+
+def test_count_binning_graph_bad_input_raises(gen, fake_graphs):
+    """Failed checks flagged in the count mode's stat: the exact path reruns and raises."""
+    h, w = 10, 12
+    pix, faces = _scene(gen, 1, h, w, n_tri=8)
+    RT.rasterize_triton(pix, faces, h, w, binning="count")  # learns the capacity
+    bad = pix.clone()
+    bad[0, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match="verts_pix contains NaN or infinite values"):
+        RT.rasterize_triton(bad, faces, h, w, binning="count")
+    nrm = _normals(gen, pix)
+    RT.rasterize_normal_map_triton(pix, nrm, faces, h, w, binning="count")
+    with pytest.raises(ValueError, match="verts_pix contains NaN or infinite values"):
+        RT.rasterize_normal_map_triton(bad, nrm, faces, h, w, binning="count")
+    assert fake_graphs.captures == 2 and fake_graphs.replays == 1  # the graphs ran and flagged them
+
+
 # ------------------------------------------------------------------------------ real graphs (GPU)
 def _head_frames(h, w, count, seed=0):
     """The FLAME-size synthetic head seen by 4 views, ``count`` frames of jittered vertices."""
@@ -670,3 +725,45 @@ def test_gpu_fused_overflow_and_bad_input(monkeypatch):
         rast.rasterize_normal_map(frames[0], nrm, bad_faces, h, w)
     _assert_fused_equal(rast.rasterize_normal_map(frames[2], nrm, faces, h, w), _two_calls(frames[2], nrm, faces, h, w))
     assert RT.GRAPHS.captures == 3  # bad_faces: its own graph (another address)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.usefixtures("fresh")
+def test_gpu_count_binning_graphed_equals_sort(monkeypatch):
+    """binning="count" through real graphs at 4 x 512^2 of the head: rasterize and the fused
+    normal map equal the direct sort path bit for bit with different vertices every call, one
+    graph each, one host sync per call; a too-small capacity overflows, reruns exact and grows."""
+    import warnings
+
+    h = w = 512
+    frames, faces = _head_frames(h, w, 5, seed=4)
+    for i, pix in enumerate(frames):
+        nrm = _head_normals(pix, i)
+        _assert_equal(RT.rasterize_triton(pix, faces, h, w, binning="count"),
+                      RT.rasterize_triton(pix, faces, h, w, graph=False, binning="sort"), f"(frame {i})")
+        _assert_fused_equal(RT.rasterize_normal_map_triton(pix, nrm, faces, h, w, binning="count"),
+                            _two_calls(pix, nrm, faces, h, w), f"(fused frame {i})")
+    assert RT.GRAPHS.captures == 2 and RT.GRAPHS.replays >= 2 * len(frames) - 4
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            RT.rasterize_normal_map_triton(frames[1], nrm, faces, h, w, binning="count")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(r.message) for r in rec if "called a synchronizing" in str(r.message)]
+    assert len(syncs) == 1, syncs  # the read of stat
+    monkeypatch.setattr(RT, "_CAPACITY", {})
+    monkeypatch.setattr(RT, "GRAPHS", _graphs.GraphCache("rasterize-test-count"))
+    monkeypatch.setattr(RT, "MIN_CAPACITY", 16)
+    hidden = frames[0].clone()
+    hidden[..., 2] = -1.0
+    RT.rasterize_triton(hidden, faces, h, w, binning="count")  # E = 0 -> capacity 16
+    assert list(RT._CAPACITY.values()) == [16]
+    for pix in frames[1:]:
+        _assert_equal(RT.rasterize_triton(pix, faces, h, w, binning="count"),
+                      RT.rasterize_triton(pix, faces, h, w, graph=False, binning="sort"))
+    (cap,) = RT._CAPACITY.values()
+    assert cap > 1000 and RT.GRAPHS.captures == 2  # capacity 16 (overflowed), then the grown one
