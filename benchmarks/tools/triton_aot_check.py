@@ -48,6 +48,7 @@ MODULES = ("mvportrait.kernels.lbs", "mvportrait.kernels.axis_attention", "mvpor
 GPU_OVERRIDES = {
     "_raster_setup_kernel": lambda kw: {"BLOCK": 128, "VBLOCK": 4 * 128},
     "_raster_bin_kernel": lambda kw: {"BLOCK": 128},
+    "_raster_count_kernel": lambda kw: {"BLOCK": 128},
     "_interpolate_kernel": lambda kw: {"BLOCK_P": max(16, 1024 // kw["BLOCK_C"])},
 }
 SMEM_LIMIT = 228 * 1024
@@ -179,6 +180,11 @@ def record(out_path: str, quick: bool):
                         continue  # every dtype / flag with the default config, the sweep configs in float32
                     R.rasterize_triton(pix64.to(dt), faces.to(fdt), h, w, cull_backfaces=cull, tile=tile,
                                                block_t=bt, num_warps=nw)
+    for dt in dtypes + (torch.float64,):  # the counting bin (binning="count": count / scatter kernel, no permutation)
+        for cull in (True, False):
+            state["label"] = f"raster countbin {dt} cull={cull}"
+            R.rasterize_triton(pix64.to(dt), faces, h, w, cull_backfaces=cull, tile=gpu_tile, block_t=gpu_bt,
+                               num_warps=gpu_w, binning="count")
     for dt in dtypes + (torch.float64,):
         state["label"] = f"raster default {dt}"
         frags = R.rasterize_triton(pix64.to(dt), faces, h, w, tile=gpu_tile, block_t=gpu_bt, num_warps=gpu_w)
