@@ -103,9 +103,8 @@ def test_reference_is_attention_along_the_axis():
     torch.testing.assert_close(o2[0, 2, :, n, :4], torch.softmax(qs @ ks.T / 2, -1) @ vs)
 
 
+@pytest.mark.skipif(CUDA, reason="auto runs Triton on CUDA tensors (tested by the Triton tests above)")
 def test_auto_on_cpu_is_bmm_for_half_inputs_and_sdpa_for_float32():
-    if CUDA:
-        pytest.skip("auto runs Triton on CUDA tensors")
     q, k, v = _qkv(_shape("view", 3), 2, "fused_qkv", torch.bfloat16)
     torch.testing.assert_close(axis_attention(q, k, v, 2, "view"), axis_attention_bmm(q, k, v, 2, "view"),
                                atol=0, rtol=0)
