@@ -18,7 +18,8 @@
 #
 #   bash benchmarks/gpu_suite.sh [--quick] [--train] [--no-tests] [--no-bench]
 # Environment: PYTHON (default python3), GPU_SUITE_BUDGET_S (default 555), RASTER_SWEEP=0 (no rasterizer
-# sweep), E2E_ONLY=engine (end to end: the engine alone, rows in e2e*_engine_gpu.json), MVP_TEXT_MODEL (a MiniLM
+# sweep), E2E_ONLY=engine (end to end: the engine alone, rows in e2e*_engine_gpu.json), E2E_COMPILE=1 (also
+# sd15 + tiny decoder on the compile backend, e2e_sd15_compile_gpu.json), MVP_TEXT_MODEL (a MiniLM
 # folder for the end-to-end stage 1; default .gpucarry/minilm, else the hashing encoder: the same
 # stage-1 networks, a cheaper text encoder), the S2_* / D2_* settings in gpu_train.sh. The device call:
 #   run(command="bash benchmarks/gpu_suite.sh --train", timeout_s=600)
@@ -173,6 +174,12 @@ if [ "$BENCH" = 1 ]; then
     # autoencoder decode is half of a frame set), the engine alone
     e2e e2e_sd15_tinydecoder 90 --preset sd15 --views 4 --size 512 --frames 14 --steps 1 --decoder tiny \
         --only engine --out benchmarks/results/e2e_sd15_tinydecoder_gpu.json
+    # E2E_COMPILE=1: the same on the compile backend (torch.compile, mode reduce-overhead: inductor fusions and
+    # CUDA graphs around the UNet; compile time is excluded from the rates but not from this call's budget)
+    if [ "${E2E_COMPILE:-0}" = 1 ]; then
+        e2e e2e_sd15_compile 200 --preset sd15 --views 4 --size 512 --frames 14 --steps 1 --decoder tiny \
+            --backend compile --only engine --out benchmarks/results/e2e_sd15_compile_gpu.json
+    fi
 fi
 
 echo "== done in $(now)s, status $status"

@@ -94,3 +94,15 @@ def test_suite_engine_only_rerun_without_sweep(tmp_path):
     # the two test runs overlap (gpu tests in the background beside the kernel tests)
     assert any("-m gpu" in ln for ln in starts) and any("pytest tests/kernels" in ln for ln in starts)
     assert not any("train stage2" in ln for ln in starts)
+
+
+def test_compile_row_only_when_asked(tmp_path):
+    """E2E_COMPILE=1 adds the sd15 engine run on the compile backend; the default suite does not run it."""
+    _, log, calls, _ = _run_suite(tmp_path, "--no-tests", E2E_COMPILE="1")
+    starts = [ln for ln in calls.read_text().splitlines() if " START " in ln and "--backend compile" in ln]
+    assert starts and all("--decoder tiny" in s and "--only engine" in s and "e2e_sd15_compile_gpu.json" in s
+                          for s in starts), log
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _, log, calls, _ = _run_suite(plain, "--no-tests")
+    assert "bench_e2e.py" in calls.read_text() and "--backend compile" not in calls.read_text(), log
