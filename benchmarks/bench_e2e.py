@@ -12,9 +12,9 @@ Both pipelines turn the same prompt into ``--frames`` frames of ``--views`` view
 * **engine** (:class:`StreamingEngine`): students when present (consistency sampling, guidance folded: one
   call per step) else the teacher with few DDIM steps ([cond; uncond] batched), reference K/V cached once,
   views and windows batched, stream batch, fast kernels (C++ rasterizer on CPU, Triton on GPU), stage 1
-  in a look-ahead thread, ``--backend`` for stage 2, stage 2 in ``--engine-dtype`` (auto: bfloat16 with
-  channels_last on a CPU with oneDNN bfloat16 kernels, else ``--dtype``; the naive pipeline stays in
-  ``--dtype``, float32 on CPU). With random weights (sd15, micro) the engine runs
+  in a look-ahead thread, ``--backend`` for stage 2, stage 2 in ``--engine-dtype`` (auto, as ``generate`` /
+  ``stream``: bfloat16 with the torch / compile backend on CUDA or on a CPU with oneDNN bfloat16 kernels
+  (channels_last there), else float32; the naive pipeline stays in ``--dtype``, float32 on CPU). With random weights (sd15, micro) the engine runs
   the consistency sampler on the same network: what a student of that preset costs.
 
 Measured per pipeline (each in its own process unless ``--no-isolate``, after a short warm-up):
@@ -75,13 +75,14 @@ def _dtype(args, dev) -> torch.dtype:
 
 
 def _engine_dtype(args, dev) -> torch.dtype:
-    """The engine's stage-2 precision: auto = bfloat16 on a CPU whose oneDNN has bfloat16 kernels (the fast
-    CPU setting, ``FLAME2Video`` docstring), else the naive pipeline's ``--dtype``."""
+    """The engine's stage-2 precision: auto = what ``generate`` / ``stream`` pick by default
+    (:func:`mvportrait.engine.flame2video.auto_dtype`: bfloat16 with the torch / compile backend on CUDA and
+    on a CPU whose oneDNN has bfloat16 kernels, else float32)."""
+    from mvportrait.engine.flame2video import auto_dtype
+
     if getattr(args, "engine_dtype", "auto") != "auto":
         return getattr(torch, args.engine_dtype)
-    if dev.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return _dtype(args, dev)
+    return auto_dtype(dev, args.backend)
 
 
 def _micro_config(size, window):

@@ -44,8 +44,9 @@ def add_e2e_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto",
                    help="auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16")
     p.add_argument("--engine-dtype", default="auto",
-                   help="the engine's stage-2 precision: auto (bfloat16 on CPUs with oneDNN bfloat16 support, "
-                        "else --dtype), float32, float16, bfloat16; the naive pipeline always uses --dtype")
+                   help="the engine's stage-2 precision: auto (as generate / stream: bfloat16 with the torch / "
+                        "compile backend on CUDA or a CPU with oneDNN bfloat16 kernels, else float32), float32, "
+                        "float16, bfloat16; the naive pipeline always uses --dtype")
     p.add_argument("--decoder", default="auto",
                    help="the engine's latent decoder: auto (the shipped student's distilled tiny decoder for the tiny "
                         "preset, the autoencoder's for the random-weight presets), full, tiny (random-weight presets: "

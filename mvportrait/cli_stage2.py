@@ -101,18 +101,30 @@ def check_run_args(args) -> Path:
     return reference
 
 
-DTYPES = ("float32", "bfloat16", "float16")
-DTYPE_HELP = ("stage-2 network precision: float32 (default) | bfloat16 (fast on CPUs with bfloat16 instructions "
-              "and on GPUs) | float16 (GPU)")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_HELP = ("stage-2 network precision: auto | float32 | bfloat16 (fast on CPUs with bfloat16 instructions and "
+              "on GPUs) | float16 (GPU). auto: bfloat16 with the torch / compile backend on a GPU or a CPU with "
+              "bfloat16 kernels (same quality for the shipped student, ~2x faster on such a CPU), else float32")
 
 
 def dtype_arg(args):
-    """``--dtype`` as a torch dtype (CliError for an unknown name)."""
+    """``--dtype`` as a torch dtype (CliError for an unknown name); ``auto`` resolved for ``--device`` and the
+    stage-2 backend (:func:`mvportrait.engine.flame2video.auto_dtype`)."""
     import torch
 
     if args.dtype not in DTYPES:
         raise _cli().CliError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
-    return getattr(torch, args.dtype)
+    if args.dtype != "auto":
+        return getattr(torch, args.dtype)
+    from mvportrait import envs
+    from mvportrait.engine.flame2video import auto_dtype
+
+    spec = getattr(args, "backend", None) or envs.backend()
+    try:
+        backend = envs.parse_backend_spec(spec)["stage2"]
+    except ValueError as e:
+        raise _cli().CliError(str(e)) from None
+    return auto_dtype(args.device, backend)
 
 
 def check_backend_arg(args) -> None:
@@ -350,7 +362,7 @@ def register(sub, train_sub, eval_sub) -> None:
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--backend", help="torch | compile | onnxruntime | tensorrt, or per stage: "
                                       "stage1=torch,stage2=onnxruntime (default: MVP_BACKEND, else torch)")
-    s.add_argument("--dtype", default="float32", help=DTYPE_HELP)
+    s.add_argument("--dtype", default="auto", help=DTYPE_HELP + " (default auto)")
     s.add_argument("--decoder", default="full", help=DECODER_HELP)
     s.add_argument("--threads", type=int, help="torch CPU threads")
     s.add_argument("--per-view", action="store_true", help="also write one video per view (OUT_view0.mp4, ...)")
@@ -369,7 +381,7 @@ def register(sub, train_sub, eval_sub) -> None:
     s.add_argument("--guidance", type=float)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default="float32", help=DTYPE_HELP)
+    s.add_argument("--dtype", default="float32", help=DTYPE_HELP + " (default float32: the reported numbers)")
     s.add_argument("--threads", type=int)
     s.add_argument("--pictures", type=int, default=2, help="clips shown in the picture")
     s.add_argument("--picture", default="docs/stage2_eval.png", help="ground truth vs generated picture")

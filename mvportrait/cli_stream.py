@@ -187,7 +187,7 @@ def register(sub) -> None:
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--backend", help="torch | compile | onnxruntime | tensorrt, or per stage: "
                                       "stage1=torch,stage2=onnxruntime (default: MVP_BACKEND, else torch)")
-    s.add_argument("--dtype", default="float32", help=DTYPE_HELP)
+    s.add_argument("--dtype", default="auto", help=DTYPE_HELP + " (default auto)")
     s.add_argument("--threads", type=int, help="torch CPU threads")
     s.add_argument("--out", default="stream.mp4", help="multi-view grid video written at the end ('' for none)")
     s.add_argument("--raw", "--show", dest="raw", metavar="FILE",

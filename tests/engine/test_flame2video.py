@@ -103,3 +103,36 @@ def test_bad_inputs(pipe, ref, tmp_path):
         pipe.render_conditions(two, "ring-2")
     with pytest.raises(ValueError, match="maps must have shape"):
         pipe.generate_from_maps(pipe.prepare(ref), torch.zeros(1, 2, 3, 4, 32, 32))
+
+
+def test_auto_dtype_rule(monkeypatch):
+    """dtype auto: bfloat16 with torch / compile on CUDA or a CPU with oneDNN bfloat16 kernels, else float32."""
+    import argparse
+
+    from mvportrait.cli_stage2 import dtype_arg
+    from mvportrait.engine.flame2video import auto_dtype
+
+    for backend in ("onnxruntime", "tensorrt"):
+        assert auto_dtype("cpu", backend) == torch.float32 and auto_dtype("cuda", backend) == torch.float32
+    assert auto_dtype("cuda", "torch") == torch.bfloat16 == auto_dtype("cuda", "compile") == auto_dtype("cuda", None)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert auto_dtype("cpu") == torch.bfloat16
+    args = argparse.Namespace(dtype="auto", device="cpu", backend="stage1=torch,stage2=onnxruntime")
+    assert dtype_arg(args) == torch.float32
+    args.backend = None
+    monkeypatch.setenv("MVP_BACKEND", "compile")
+    assert dtype_arg(args) == torch.bfloat16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert auto_dtype("cpu", "torch") == torch.float32 and dtype_arg(args) == torch.float32
+    args.dtype = "float16"
+    assert dtype_arg(args) == torch.float16
+
+
+def test_cli_dtype_defaults():
+    """generate and stream default to auto (the fast setting); eval keeps float32 (its reported numbers)."""
+    from mvportrait.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["generate", "--prompt", "nods"]).dtype == "auto"
+    assert p.parse_args(["stream", "--prompt", "nods"]).dtype == "auto"
+    assert p.parse_args(["eval", "stage2"]).dtype == "float32"
