@@ -158,8 +158,11 @@ def _random_tiny_decoder(model):
                                          blocks=blocks))
 
 
-def load_models(args) -> dict:
-    """The naive pipeline's teacher, the engine's stage 2 (student / stand-in / teacher), both stage 1s."""
+def load_models(args, which: str = "both") -> dict:
+    """The naive pipeline's teacher, the engine's stage 2 (student / stand-in / teacher), both stage 1s.
+
+    ``which`` = "naive" or "engine" (each pipeline's own process): the other pipeline's stage-2 networks are
+    not kept, so the process's peak memory is its own pipeline's (``teacher`` / ``engine`` is then None)."""
     from mvportrait.engine.flame2video import DEFAULT_REFERENCE, DEFAULT_WEIGHTS, FLAME2Video
     from mvportrait.models.stage2 import FLAME2VideoModel
 
@@ -201,21 +204,27 @@ def load_models(args) -> dict:
         steps = args.steps or engine.default_steps
         engine_note, guidance = "shipped student (consistency)", 1.0
     elif sampler == "consistency" or (sampler == "auto" and random_weights):
-        engine = FLAME2Video(_as_dtype(model, engine_dtype), overlap=overlap, backend=args.backend,
-                             decoder=_random_tiny_decoder(model) if args.decoder == "tiny" else None, **kw)
-        engine.sampler = _consistency(engine.config, engine.config.prediction)
+        engine = None
+        if which != "naive":  # (a converted copy of a 2.6 B-parameter network is 5+ GB: not in the naive process)
+            engine = FLAME2Video(_as_dtype(model, engine_dtype), overlap=overlap, backend=args.backend,
+                                 decoder=_random_tiny_decoder(model) if args.decoder == "tiny" else None, **kw)
+            engine.sampler = _consistency(engine.config, engine.config.prediction)
         steps, guidance = args.steps or 1, 1.0
         engine_note = ("consistency sampler on the same network (random weights: what a student costs)"
                        if random_weights else "teacher network with a consistency sampler (no student shipped)")
     else:
-        engine = (teacher if args.backend == "torch" and engine_dtype == dtype else
+        engine = (teacher if args.backend == "torch" and engine_dtype == dtype else None if which == "naive" else
                   FLAME2Video(_as_dtype(model, engine_dtype), overlap=overlap, backend=args.backend, **kw))
         steps, guidance = args.steps or 4, float(model.config.guidance)
         engine_note = f"teacher, {steps} DDIM steps, guidance batched"
     teacher_t2f, engine_t2f, s1_steps, s1_guidance, s1_note = _stage1(args, dev)
     cfg = model.config
+    image_size, fps_model = cfg.image_size, teacher.fps
+    if which == "engine" and engine is not None and engine is not teacher:
+        teacher = model = None  # the engine process keeps only the engine's networks
     ref = DEFAULT_REFERENCE if DEFAULT_REFERENCE.is_file() else (torch.rand(3, cfg.image_size, cfg.image_size) * 2 - 1)
-    return dict(dev=dev, dtype=dtype, engine_dtype=engine_dtype, teacher=teacher, engine=engine, t2f=teacher_t2f, engine_t2f=engine_t2f,
+    return dict(dev=dev, dtype=dtype, engine_dtype=engine_dtype, teacher=teacher, engine=engine, t2f=teacher_t2f,
+                engine_t2f=engine_t2f, image_size=image_size, fps_model=fps_model,
                 steps=steps, guidance=guidance, stage1_steps=s1_steps, stage1_guidance=s1_guidance, reference=ref,
                 load_s=time.perf_counter() - t0,
                 note=note, engine_note=engine_note, stage1_note=s1_note, window=window, overlap=overlap)
@@ -467,12 +476,11 @@ def _profile_path(args) -> Path | None:
 
 
 def _measure(args, which: str) -> dict:
-    m = load_models(args)
+    m = load_models(args, which)
     result = run_naive(args, m) if which == "naive" else run_engine(args, m)
     result.update(load_s=m["load_s"], model=m["note"], engine_model=m["engine_note"], stage1=m["stage1_note"],
                   decoder="full" if which == "naive" else m["engine"].decoder_kind,
-                  window=m["window"], overlap=m["overlap"], image_size=m["teacher"].config.image_size,
-                  fps_model=m["teacher"].fps,
+                  window=m["window"], overlap=m["overlap"], image_size=m["image_size"], fps_model=m["fps_model"],
                   dtype=str(m["dtype" if which == "naive" else "engine_dtype"]).replace("torch.", ""))
     return result
 
