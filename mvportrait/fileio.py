@@ -29,6 +29,21 @@ def atomic_write(path, write: Callable[[str], object]) -> Path:
     return path
 
 
+def write_checkpoint(directory, state: dict, meta: dict, config_file: str, weights_file: str) -> Path:
+    """Write a checkpoint folder: ``weights_file`` (safetensors of ``state``, tagged with ``meta["format"]``),
+    then ``config_file`` (``meta`` as JSON), each atomically; the folder is created. Returns the folder.
+    :func:`read_checkpoint_meta` reads it back."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / weights_file, lambda tmp: save_file(state, tmp, metadata={"format": str(meta["format"])}))
+    atomic_write(folder / config_file, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
+    return folder
+
+
 def read_checkpoint_meta(directory, config_file: str, weights_file: str, fmt: str, what: str):
     """The checked JSON metadata of a checkpoint folder: ``(meta, config path, weights path)``.
 

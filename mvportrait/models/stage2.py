@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mvportrait.config import Stage2Config
-from mvportrait.fileio import atomic_write, read_checkpoint_meta
+from mvportrait.fileio import read_checkpoint_meta, write_checkpoint
 from mvportrait.models.autoencoder import Autoencoder
 from mvportrait.models.flame_encoder import FlameEncoder
 from mvportrait.models.students import distill_info, overlay, teacher_path
@@ -207,18 +207,13 @@ class FLAME2VideoModel(nn.Module):
     # -------------------------------------------------------------------------- checkpoints
     def save_pretrained(self, directory, dtype: torch.dtype = torch.float16) -> Path:
         """Write ``model.safetensors`` (weights in ``dtype``) and ``config.json`` into ``directory``."""
-        from safetensors.torch import save_file
-
         names = {v: k for k, v in _DTYPES.items()}
         if dtype not in names:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype}")
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
-        atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": CHECKPOINT_FORMAT}))
         meta = {"format": CHECKPOINT_FORMAT, "dtype": names[dtype], "config": self.config.to_dict(),
                 "param_counts": self.param_counts()}
-        atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
+        folder = write_checkpoint(directory, state, meta, CONFIG_FILE, WEIGHTS_FILE)
         log.info("saved stage-2 model (%s) to %s", names[dtype], folder)
         return folder
 

@@ -26,7 +26,6 @@ Checkpoint (``save_pretrained`` / ``from_pretrained``): a folder with ``tiny_dec
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mvportrait.fileio import atomic_write, read_checkpoint_meta
+from mvportrait.fileio import read_checkpoint_meta, write_checkpoint
 
 __all__ = ["TinyDecoderConfig", "TinyDecoder", "conv_flops", "WEIGHTS_FILE", "CONFIG_FILE", "CHECKPOINT_FORMAT",
            "DEFAULT_WEIGHTS"]
@@ -159,22 +158,17 @@ class TinyDecoder(nn.Module):
     # -------------------------------------------------------------------------- checkpoints
     def save_pretrained(self, directory, dtype: torch.dtype = torch.float16, info: dict | None = None) -> Path:
         """Write ``tiny_decoder.safetensors`` (weights in ``dtype``) and ``tiny_decoder.json`` into ``directory``."""
-        from safetensors.torch import save_file
-
         names = {v: k for k, v in _DTYPES.items()}
         if dtype not in names:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype}")
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
-        atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": CHECKPOINT_FORMAT}))
         cfg = self.config
         side = max(1, 128 // cfg.factor)
         meta = {"format": CHECKPOINT_FORMAT, "dtype": names[dtype], "config": cfg.to_dict(),
                 "param_count": self.param_count(),
                 "flops_128": conv_flops(TinyDecoder(cfg), (1, cfg.latent_channels, side, side)),
                 "info": {**self.info, **(info or {})}}
-        atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
+        folder = write_checkpoint(directory, state, meta, CONFIG_FILE, WEIGHTS_FILE)
         log.info("saved tiny decoder (%s) to %s", names[dtype], folder)
         return folder
 

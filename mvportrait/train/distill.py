@@ -55,7 +55,7 @@ from safetensors.torch import load_file, save_file
 
 from mvportrait.config import check_ints, check_numbers, replace_known
 from mvportrait.engine.schedulers import DDIMSampler, NoiseSchedule, combine_guidance, consistency_x0
-from mvportrait.fileio import atomic_write
+from mvportrait.fileio import atomic_write, write_checkpoint
 from mvportrait.train.common import enable_tf32, load_optimizer, optimizer_tensors, optimizer_step
 
 log = logging.getLogger(__name__)
@@ -526,10 +526,8 @@ def export_stage2_student(task: Stage2Task, out_dir: str | Path, teacher_dir: st
     from mvportrait.models.stage2 import CHECKPOINT_FORMAT, CONFIG_FILE, WEIGHTS_FILE
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     state = {f"unet.{k}": v.detach().to("cpu", torch.float16).contiguous()
              for k, v in task.target.state_dict().items()}
-    atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": CHECKPOINT_FORMAT}))
     rel = os.path.relpath(Path(teacher_dir).resolve(), out_dir.resolve())
     info = {"sampler": "consistency", "guidance": task.guidance, "teacher": rel, "default_steps": dc.default_steps,
             "method": "latent consistency distillation (LCM)", "trained": "unet",
@@ -538,8 +536,7 @@ def export_stage2_student(task: Stage2Task, out_dir: str | Path, teacher_dir: st
             "target_ema": dc.target_ema, "loss": dc.loss, "train_clip": {"views": dc.views, "frames": dc.frames}}
     meta = {"format": CHECKPOINT_FORMAT, "dtype": "float16", "config": task.model.config.replace(guidance=1.0).to_dict(),
             **(extra or {}), "distill": info}
-    atomic_write(out_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
-    return out_dir
+    return write_checkpoint(out_dir, state, meta, CONFIG_FILE, WEIGHTS_FILE)
 
 
 def distill_stage2(out: str | Path, *, teacher_dir=None, export_dir=None, device="cpu", seed: int = 0,
