@@ -196,6 +196,7 @@ def load_models(args, which: str = "both") -> dict:
     teacher = FLAME2Video(model, overlap=overlap, backend="torch", **kw)
     # the engine's stage 2
     engine_note = ""
+    kw["channels_last"] = {"auto": None, "on": True, "off": False}[getattr(args, "channels_last", "auto")]
     sampler = args.sampler
     student_dir = STUDENT2 if args.preset == "tiny" and not args.weights else None
     if sampler in ("auto", "consistency") and student_dir is not None and (student_dir / "config.json").is_file():
@@ -472,6 +473,9 @@ def _profile_path(args) -> Path | None:
     if args.profile:
         return Path(args.profile)
     prefix, kind = _names(args)
+    if args.out:  # beside --out, named after it: e2e_sd15_cl_gpu.json -> e2e_sd15_cl_profile_gpu.txt
+        stem = Path(args.out).stem
+        prefix = stem[:-len(kind) - 1] if stem.endswith("_" + kind) else stem
     return _out_path(args).parent / f"{prefix}_profile_{kind}.txt"
 
 
@@ -480,6 +484,7 @@ def _measure(args, which: str) -> dict:
     result = run_naive(args, m) if which == "naive" else run_engine(args, m)
     result.update(load_s=m["load_s"], model=m["note"], engine_model=m["engine_note"], stage1=m["stage1_note"],
                   decoder="full" if which == "naive" else m["engine"].decoder_kind,
+                  channels_last=False if which == "naive" else m["engine"].channels_last,
                   window=m["window"], overlap=m["overlap"], image_size=m["image_size"], fps_model=m["fps_model"],
                   dtype=str(m["dtype" if which == "naive" else "engine_dtype"]).replace("torch.", ""))
     return result
@@ -523,7 +528,7 @@ def make_rows(args, dev, res: dict) -> list[dict]:
     for which, r in res.items():
         backend = "naive (torch eager)" if which == "naive" else f"engine ({args.backend})"
         cfg = dict(base, pipeline=which, steps=r["steps"], stage1_steps=r["stage1_steps"], guidance=r["guidance"],
-                   dtype=r["dtype"], decoder=r.get("decoder", "full"))
+                   dtype=r["dtype"], decoder=r.get("decoder", "full"), channels_last=r.get("channels_last", False))
         if which == "engine":
             cfg.update(engine_model=r["engine_model"], stage1_model=r["stage1"], stream_batch=r["stream_batch"],
                        mean_batch=round(r["mean_batch"], 2))

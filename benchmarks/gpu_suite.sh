@@ -19,7 +19,8 @@
 #   bash benchmarks/gpu_suite.sh [--quick] [--train] [--no-tests] [--no-bench]
 # Environment: PYTHON (default python3), GPU_SUITE_BUDGET_S (default 555), RASTER_SWEEP=0 (no rasterizer
 # sweep), E2E_ONLY=engine (end to end: the engine alone, rows in e2e*_engine_gpu.json), E2E_COMPILE=1 (also
-# sd15 + tiny decoder on the compile backend, e2e_sd15_compile_gpu.json), MVP_TEXT_MODEL (a MiniLM
+# sd15 + tiny decoder on the compile backend, e2e_sd15_compile_gpu.json), E2E_STEPS (which end-to-end runs: a comma
+# list of sd15, tiny, tinydecoder, cl, compile; default sd15,tiny,tinydecoder), MVP_TEXT_MODEL (a MiniLM
 # folder for the end-to-end stage 1; default .gpucarry/minilm, else the hashing encoder: the same
 # stage-1 networks, a cheaper text encoder), the S2_* / D2_* settings in gpu_train.sh. The device call:
 #   run(command="bash benchmarks/gpu_suite.sh --train", timeout_s=600)
@@ -162,24 +163,27 @@ if [ "$BENCH" = 1 ]; then
                 --text-model "$E2E_TEXT" $ONLY
         fi
     }
-    if [ -n "${E2E_ONLY:-}" ]; then
-        e2e e2e_tiny 100 --preset tiny --views 4 --frames 20 --out benchmarks/results/e2e_${E2E_ONLY}_gpu.json
-        e2e e2e_sd15 150 --preset sd15 --views 4 --size 512 --frames 14 --steps 1 \
-            --out benchmarks/results/e2e_sd15_${E2E_ONLY}_gpu.json
-    else
-        e2e e2e_sd15 150 --preset sd15 --views 4 --size 512 --frames 14 --steps 1
-        e2e e2e_tiny 100 --preset tiny --views 4 --frames 20
-    fi
-    # sd15 with a tiny latent decoder of the shipped design (random weights: what one costs; the 512^2
-    # autoencoder decode is half of a frame set), the engine alone
-    e2e e2e_sd15_tinydecoder 90 --preset sd15 --views 4 --size 512 --frames 14 --steps 1 --decoder tiny \
-        --only engine --out benchmarks/results/e2e_sd15_tinydecoder_gpu.json
-    # E2E_COMPILE=1: the same on the compile backend (torch.compile, mode reduce-overhead: inductor fusions and
-    # CUDA graphs around the UNet; compile time is excluded from the rates but not from this call's budget)
-    if [ "${E2E_COMPILE:-0}" = 1 ]; then
-        e2e e2e_sd15_compile 200 --preset sd15 --views 4 --size 512 --frames 14 --steps 1 --decoder tiny \
-            --backend compile --only engine --out benchmarks/results/e2e_sd15_compile_gpu.json
-    fi
+    # E2E_STEPS picks the runs (comma list, default sd15,tiny,tinydecoder, plus compile with E2E_COMPILE=1):
+    #   sd15 / tiny: naive vs engine (E2E_ONLY=engine: the engine alone, rows to e2e*_engine_gpu.json),
+    #   tinydecoder: sd15 with a tiny latent decoder of the shipped design (random weights: what one costs; the
+    #     512^2 autoencoder decode is half of a frame set), the engine alone,
+    #   cl: the same in channels_last (cuDNN's NHWC convolutions), the engine alone,
+    #   compile: the same on the compile backend (torch.compile, mode reduce-overhead: inductor fusions and CUDA
+    #     graphs around the UNet; compile time is excluded from the rates but not from this call's budget)
+    STEPS=${E2E_STEPS:-sd15,tiny,tinydecoder}
+    [ "${E2E_COMPILE:-0}" = 1 ] && STEPS="$STEPS,compile"
+    has() { case ",$STEPS," in *",$1,"*) return 0 ;; esac; return 1; }
+    SD15="--preset sd15 --views 4 --size 512 --frames 14 --steps 1"
+    SFX=""; [ -n "${E2E_ONLY:-}" ] && SFX="_${E2E_ONLY}"
+    has sd15 && e2e e2e_sd15 150 $SD15 ${SFX:+--out benchmarks/results/e2e_sd15${SFX}_gpu.json}
+    has tiny && e2e e2e_tiny 100 --preset tiny --views 4 --frames 20 ${SFX:+--out benchmarks/results/e2e${SFX}_gpu.json}
+    ONLY=""  # the remaining runs are the engine alone
+    has tinydecoder && e2e e2e_sd15_tinydecoder 90 $SD15 --decoder tiny --only engine \
+        --out benchmarks/results/e2e_sd15_tinydecoder_gpu.json
+    has cl && e2e e2e_sd15_cl 90 $SD15 --decoder tiny --channels-last on --only engine \
+        --out benchmarks/results/e2e_sd15_cl_gpu.json
+    has compile && e2e e2e_sd15_compile 200 $SD15 --decoder tiny --backend compile --only engine \
+        --out benchmarks/results/e2e_sd15_compile_gpu.json
 fi
 
 echo "== done in $(now)s, status $status"

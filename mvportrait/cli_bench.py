@@ -52,12 +52,15 @@ def add_e2e_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "preset, the autoencoder's for the random-weight presets), full, tiny (random-weight presets: "
                         "a random tiny decoder of the shipped design, what it costs); the naive pipeline always "
                         "uses the autoencoder's")
+    p.add_argument("--channels-last", default="auto",
+                   help="the engine's stage-2 memory format: auto (channels_last where it measurably pays: bfloat16 "
+                        "on a CPU), on, off")
     p.add_argument("--text-model", help="stage-1 text encoder: minilm, hashing or a local model folder")
     p.add_argument("--prompt", default="nods slowly, then smiles happily")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="both", help="both (default), naive or engine")
     p.add_argument("--out", help="rows JSON (default benchmarks/results/e2e[_PRESET]_{cpu|gpu}.json)")
-    p.add_argument("--profile", help="torch.profiler top-ops text file (default beside --out: "
+    p.add_argument("--profile", help="torch.profiler top-ops text file (default beside --out, named after it, else "
                                      "e2e[_PRESET]_profile_{cpu|gpu}.txt; 'none' to skip)")
     p.add_argument("--no-isolate", action="store_true",
                    help="run both pipelines in this process (faster; peak memory then includes both)")
@@ -85,6 +88,8 @@ def check_e2e_args(args) -> None:
                              f"got {getattr(args, name)!r}")
     if getattr(args, "decoder", "auto") not in ("auto", "full", "tiny"):
         raise ValueError(f"--decoder must be one of auto, full, tiny, got {args.decoder!r}")
+    if getattr(args, "channels_last", "auto") not in ("auto", "on", "off"):
+        raise ValueError(f"--channels-last must be one of auto, on, off, got {args.channels_last!r}")
     if args.only not in PIPELINES:
         raise ValueError(f"--only must be one of {', '.join(PIPELINES)}, got {args.only!r}")
     if args.backend not in BACKENDS:

@@ -77,6 +77,16 @@ def test_bench_e2e_random_tiny_decoder(tmp_path):
     assert {r["config"]["decoder"] for r in json.loads(out.read_text())} == {"tiny"}
 
 
+def test_bench_e2e_channels_last_and_profile_named_after_out(tmp_path):
+    """--channels-last on puts the engine's networks in channels_last (the rows say so); the profile is
+    written beside --out under a name derived from it."""
+    out = tmp_path / "e2e_micro_cl_cpu.json"
+    assert main(MICRO + ["--only", "engine", "--channels-last", "on", "--out", str(out), "--no-isolate"]) == 0
+    rows = json.loads(out.read_text())
+    assert rows and all(r["config"]["channels_last"] is True for r in rows)
+    assert (tmp_path / "e2e_micro_cl_profile_cpu.txt").is_file()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--preset", "huge"], "--preset"),
     (["--views", "0"], "--views"),
@@ -86,6 +96,7 @@ def test_bench_e2e_random_tiny_decoder(tmp_path):
     (["--only", "both-ish"], "--only"),
     (["--sampler", "euler"], "--sampler"),
     (["--decoder", "small"], "--decoder"),
+    (["--channels-last", "yes"], "--channels-last"),
     (["--size", "100"], "--size"),
     (["--preset", "tiny", "--size", "64"], "random-weight preset"),
     (["--device", "tpu"], "--device"),
