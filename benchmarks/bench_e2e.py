@@ -322,7 +322,7 @@ def run_naive(args, m: dict) -> dict:
 def _stream(engine, m, args, seconds, **kw):
     engine.prepare(m["reference"], args.prompt, views=f"ring-{args.views}", seconds=seconds, steps=m["steps"],
                    guidance=m["guidance"], stage1_steps=m["stage1_steps"], stage1_guidance=m["stage1_guidance"],
-                   seed=args.seed, realtime=False,
+                   seed=args.seed, realtime=False, first_window=getattr(args, "first_window", None),
                    queue_size=args.frames + 64, **kw)
 
 
@@ -531,6 +531,7 @@ def make_rows(args, dev, res: dict) -> list[dict]:
                    dtype=r["dtype"], decoder=r.get("decoder", "full"), channels_last=r.get("channels_last", False))
         if which == "engine":
             cfg.update(engine_model=r["engine_model"], stage1_model=r["stage1"], stream_batch=r["stream_batch"],
+                       first_window=getattr(args, "first_window", None) or r["window"],
                        mean_batch=round(r["mean_batch"], 2))
         else:
             cfg.update(stage1_model="teacher (DDIM, guidance as two calls)")

@@ -34,6 +34,9 @@ def add_e2e_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="auto",
                    help="engine stage-2 sampler: auto (a student's consistency sampler when there is one or the "
                         "weights are random, else teacher DDIM), consistency, ddim")
+    p.add_argument("--first-window", type=int,
+                   help="the engine's first stage-2 window in frames (overlap+1 .. the window; default the window): "
+                        "a cheaper first call, the first frame sooner")
     p.add_argument("--stage1-steps", type=int, help="engine stage-1 steps (default: the student's, else 10)")
     p.add_argument("--naive-steps", type=int, default=25, help="naive stage-2 DDIM steps (default 25)")
     p.add_argument("--naive-stage1-steps", type=int, default=50, help="naive stage-1 DDIM steps (default 50)")
@@ -102,6 +105,7 @@ def check_e2e_args(args) -> None:
     _int("naive-stage1-steps", args.naive_stage1_steps, 1, 1000)
     _int("threads", args.threads, 1, 1024)
     _int("window", args.window, 2, 32)
+    _int("first-window", getattr(args, "first_window", None), 2, 32)  # (and at most the window: prepare checks)
     if args.size is not None and (args.size < 16 or args.size > 2048 or args.size & (args.size - 1)):
         raise ValueError(f"--size must be a power of two in [16, 2048], got {args.size}")
     if (args.size is not None or args.window is not None) and (args.preset == "tiny" or args.weights):

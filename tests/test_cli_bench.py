@@ -81,9 +81,10 @@ def test_bench_e2e_channels_last_and_profile_named_after_out(tmp_path):
     """--channels-last on puts the engine's networks in channels_last (the rows say so); the profile is
     written beside --out under a name derived from it."""
     out = tmp_path / "e2e_micro_cl_cpu.json"
-    assert main(MICRO + ["--only", "engine", "--channels-last", "on", "--out", str(out), "--no-isolate"]) == 0
+    assert main(MICRO + ["--only", "engine", "--channels-last", "on", "--first-window", "3", "--out", str(out),
+                         "--no-isolate"]) == 0
     rows = json.loads(out.read_text())
-    assert rows and all(r["config"]["channels_last"] is True for r in rows)
+    assert rows and all(r["config"]["channels_last"] is True and r["config"]["first_window"] == 3 for r in rows)
     assert (tmp_path / "e2e_micro_cl_profile_cpu.txt").is_file()
 
 
@@ -97,6 +98,7 @@ def test_bench_e2e_channels_last_and_profile_named_after_out(tmp_path):
     (["--sampler", "euler"], "--sampler"),
     (["--decoder", "small"], "--decoder"),
     (["--channels-last", "yes"], "--channels-last"),
+    (["--first-window", "1"], "--first-window"),
     (["--size", "100"], "--size"),
     (["--preset", "tiny", "--size", "64"], "random-weight preset"),
     (["--device", "tpu"], "--device"),

@@ -19,7 +19,9 @@ Pipeline (one worker thread; stage 1 has its own look-ahead thread, :mod:`.strea
 
 **Windows.** Stage 2 works on windows of ``W = config.frames`` frames sharing ``O = overlap`` frames
 with the previous window (as :meth:`FLAME2Video.generate_from_maps`): window ``k`` starts at frame
-``k * H`` (``H = W - O``) and emits its ``H`` new frames (window 0 all ``W``).
+``k * H`` (``H = W - O``) and emits its ``H`` new frames (window 0 all ``W``). A shorter first window
+(``prepare(first_window=W1)``, ``O < W1 <= W``) makes the first model call cheaper and the first frame
+sooner: window 0 is frames ``[0, W1)``, window ``k >= 1`` starts at ``k * H - (W - W1)``.
 
 **Stream batch** (StreamDiffusion). Each window needs ``S = steps`` denoising steps. Up to
 ``B = stream_batch`` windows (default ``S``) are in flight at once, each at its own step: every
@@ -260,7 +262,8 @@ class StreamingEngine:
                 guidance: float | None = None, seed: int = 0, queue_size: int = 8, policy: str = "lossless",
                 realtime: bool = True, stream_batch: int | None = None, stage1_steps: int | None = None,
                 stage1_guidance: float | None = None, output: str = "numpy",
-                lookahead: bool = True, fast_start: bool = True) -> "StreamingEngine":
+                lookahead: bool = True, fast_start: bool = True,
+                first_window: int | None = None) -> "StreamingEngine":
         """All per-stream setup, once: reference K/V cache, text encoding, stage-1 look-ahead, cameras,
         schedules and the stream-batch buffers. Then :meth:`stream`.
 
@@ -276,6 +279,11 @@ class StreamingEngine:
         (:mod:`.stream_queue`). ``output``: ``numpy`` (host uint8) or ``torch`` (tensor on the device).
         ``fast_start``: the first window denoises alone, the stream batch fills from the second one on
         (the first frame comes a batched call sooner; False: windows enter from the first call on).
+        ``first_window``: frames of window 0, ``overlap + 1`` .. ``W`` (default ``W``, the model's window):
+        a shorter first window is a cheaper first model call, so the first frame comes sooner (its
+        denoising cost scales with the frames); later windows keep ``W`` frames and start ``W -
+        first_window`` frames earlier. Needs ``fast_start`` (window 0 is then alone in its calls). With
+        the default the stream equals the offline :meth:`FLAME2Video.generate_from_maps` (see above).
         """
         from mvportrait.drivers.text import split_prompt
 
@@ -293,6 +301,11 @@ class StreamingEngine:
         _check_int("queue_size", queue_size, 1)
         _check_int("stage1_steps", stage1_steps, 1, 1000)
         stream_batch = steps if stream_batch is None else _check_int("stream_batch", stream_batch, 1, steps)
+        if first_window is not None:
+            _check_int("first_window", first_window, pipe.overlap + 1, pipe.window)
+            if first_window < pipe.window and not fast_start:
+                raise ValueError(f"first_window={first_window} (shorter than the {pipe.window}-frame window) needs "
+                                 f"fast_start=True: window 0 must run its steps alone")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if output not in OUTPUTS:
@@ -327,7 +340,8 @@ class StreamingEngine:
                                 guidance=stage1_guidance, seed=seed, total=frames, lookahead=lookahead)
         self.settings = StreamSettings(fps=fps, steps=steps, guidance=guidance, seed=seed, queue_size=queue_size,
                                        policy=policy, realtime=bool(realtime), stream_batch=stream_batch,
-                                       output=output, frames=frames, fast_start=bool(fast_start))
+                                       output=output, frames=frames, fast_start=bool(fast_start),
+                                       first_window=first_window)
         old = self.state
         if old is not None and not old.started:
             old.driver.close()

@@ -58,6 +58,7 @@ class StreamSettings:
     output: str
     frames: int | None  # total frames (None: until closed)
     fast_start: bool = True  # the first window denoises alone (lower time to first frame)
+    first_window: int | None = None  # frames of window 0 (None: the model's window; fewer needs fast_start)
 
 
 # ------------------------------------------------------------------------------------ internal state
@@ -67,6 +68,7 @@ class _Window:
 
     index: int
     start: int  # first frame
+    frames: int  # length (W; window 0 may be shorter, see StreamSettings.first_window)
     emit_from: int  # frames [emit_from, emit_to) are emitted when it finishes
     emit_to: int
     slot: int  # row of the stream-batch buffers
@@ -94,6 +96,7 @@ class StepPlan:
     t_model: torch.Tensor  # (B,) int64 timesteps on the device
     t_step: object  # int (all rows at one step) or (B,) int64 tensor, for the sampler
     prev_step: object
+    frames: int = 0  # frames per row (x.shape[2])
     out: torch.Tensor | None = None
     call_s: float = 0.0
     finished: list = field(default_factory=list)
@@ -110,9 +113,10 @@ class StreamState:
         self.views = cameras.batch_shape[-1]
         self.W, self.O = pipe.window, pipe.overlap
         self.H = self.W - self.O
+        self.W1 = settings.first_window or self.W  # window 0's length (later windows start W - W1 earlier)
         self.total = settings.frames
         self.n_windows = None if self.total is None else (
-            1 if self.total <= self.W else 1 + math.ceil((self.total - self.W) / self.H))
+            1 if self.total <= self.W1 else 1 + math.ceil((self.total - self.W1) / self.H))
         self.pairs = self.sampler.timestep_pairs(settings.steps)
         self.step_draws = [step_draws_noise(self.sampler, p) for _, p in self.pairs]
         self.device, self.dtype = pipe.device, pipe.dtype
@@ -179,11 +183,17 @@ def _cameras_for(st: StreamState, frames: list[int]):
     return cams[torch.tensor(frames) % cams.batch_shape[0]]
 
 
+def window_span(st: StreamState, k: int) -> tuple[int, int]:
+    """(first frame, frames) of window ``k``: window 0 has ``W1`` frames (the first window, default ``W``),
+    window ``k >= 1`` starts ``O`` frames before its predecessor ends and has ``W``."""
+    return (0, st.W1) if k == 0 else (k * st.H - (st.W - st.W1), st.W)
+
+
 def _known(st: StreamState, index: int) -> torch.Tensor:
     """Window ``index - 1``'s last O latents: its current x0 estimate, or its final latents."""
     for w in st.windows:
         if w.index == index - 1:
-            return w.x0[:, st.W - st.O:]
+            return w.x0[:, w.frames - st.O:w.frames]
     if st.tail_final is None or st.tail_final[0] != index - 1:
         raise RuntimeError(f"internal error: no latents of window {index - 1} for window {index}")
     return st.tail_final[1]
@@ -206,7 +216,7 @@ def _apply_updates(st: StreamState) -> None:
         st.cameras = upd["cameras"]
     st.revision = rev
     k = st.next_index
-    st.stats.updates.append((rev, k * st.H + (st.O if k else 0)))
+    st.stats.updates.append((rev, window_span(st, k)[0] + (st.O if k else 0)))
     log.info("stream update %d applied from frame %d", rev, st.stats.updates[-1][1])
 
 
@@ -215,8 +225,8 @@ def _admit(st: StreamState) -> _Window | None:
     k = st.next_index
     if st.n_windows is not None and k >= st.n_windows:
         return None
-    W, O = st.W, st.O
-    start = k * st.H
+    O = st.O
+    start, W = window_span(st, k)
     first_new = start + (O if k else 0)
     frames = list(range(first_new, start + W))
     cond_frames = frames if st.total is None else [min(f, st.total - 1) for f in frames]
@@ -231,9 +241,10 @@ def _admit(st: StreamState) -> _Window | None:
         feats = torch.cat([st.tail_feats, feats], dim=1)  # (V, W, C0, h, w)
     st.tail_feats = feats[:, W - O:]
     slot = k % st.settings.stream_batch
-    if st.f_buf is None:
-        st.f_buf = torch.zeros(st.settings.stream_batch, *feats.shape, device=st.device, dtype=st.dtype)
-    st.f_buf[slot] = feats
+    if st.f_buf is None:  # (B, V, W, C0, h, w); a shorter first window fills its first W1 frames
+        st.f_buf = torch.zeros(st.settings.stream_batch, feats.shape[0], st.W, *feats.shape[2:], device=st.device,
+                               dtype=st.dtype)
+    st.f_buf[slot, :, :W] = feats
     t2 = time.perf_counter()
     # all of the window's noise now, in the order _Sampler.sample draws it: start latents, overlap noise
     # at t0, then per step the step's own noise (stochastic samplers) and the overlap noise at prev_t
@@ -255,7 +266,7 @@ def _admit(st: StreamState) -> _Window | None:
     if k:
         st.x_buf[slot, :, :O] = st.sampler.schedule.add_noise(_known(st, k), noise[0], st.pairs[0][0])
     emit_to = start + W if st.total is None else min(start + W, st.total)
-    w = _Window(index=k, start=start, emit_from=first_new, emit_to=emit_to, slot=slot, noise=noise,
+    w = _Window(index=k, start=start, frames=W, emit_from=first_new, emit_to=emit_to, slot=slot, noise=noise,
                 step_noise=step_noise, flame=fp, revision=st.revision, t_admit=t0, stage1_s=t1 - t0,
                 render_s=t2 - t1)
     st.next_index += 1
@@ -281,13 +292,14 @@ def _schedule(st: StreamState) -> StepPlan | None:
         return None
     st.stage = "denoise"
     b = st.settings.stream_batch
-    if len(st.windows) == b:
+    n = st.windows[0].frames  # every row has one length (a shorter window 0 runs alone: fast_start)
+    if len(st.windows) == b and n == st.W:
         rows = sorted(st.windows, key=lambda w: w.slot)
         index, x, feats = None, st.x_buf, st.f_buf
     else:
         rows = list(st.windows)
         index = torch.tensor([w.slot for w in rows], device=st.device)
-        x, feats = st.x_buf[index], st.f_buf[index]
+        x, feats = st.x_buf[index, :, :n], st.f_buf[index, :, :n]
     ts = tuple(st.pairs[w.step][0] for w in rows)
     ps = tuple(st.pairs[w.step][1] for w in rows)
     if len(set(ts)) == 1:
@@ -295,7 +307,7 @@ def _schedule(st: StreamState) -> StepPlan | None:
     else:
         t_step, prev_step = torch.tensor(ts), torch.tensor(ps)
     return StepPlan(rows=rows, index=index, x=x, feats=feats, t_model=_timesteps(st, ts), t_step=t_step,
-                    prev_step=prev_step)
+                    prev_step=prev_step, frames=n)
 
 
 def _execute(st: StreamState, plan: StepPlan) -> None:
@@ -314,7 +326,7 @@ def _step_noise(st: StreamState, plan: StepPlan) -> torch.Tensor | None:
         if isinstance(plan.prev_step, torch.Tensor):  # per-row steps: the samplers want a tensor anyway
             return torch.zeros_like(plan.x)
         return None
-    return torch.stack([torch.zeros_like(plan.x[0]) if n is None else n for n in rows])
+    return torch.stack([torch.zeros_like(plan.x[0]) if n is None else n[:, :plan.frames] for n in rows])
 
 
 def _update(st: StreamState, plan: StepPlan) -> None:
@@ -323,7 +335,7 @@ def _update(st: StreamState, plan: StepPlan) -> None:
     if plan.index is None:
         st.x_buf.copy_(prev)
     else:
-        st.x_buf[plan.index] = prev
+        st.x_buf[plan.index, :, :plan.frames] = prev
     share = plan.call_s / len(plan.rows)
     for r, w in enumerate(plan.rows):
         w.x0 = x0[r]
@@ -331,7 +343,7 @@ def _update(st: StreamState, plan: StepPlan) -> None:
         w.denoise_s += share
     st.stats.calls += 1
     st.stats.rows += len(plan.rows)
-    W, O, S = st.W, st.O, st.settings.steps
+    O, S = st.O, st.settings.steps
     impose = _impose_times(st)
     for w in sorted(plan.rows, key=lambda w: w.index):
         if w.index:
@@ -344,8 +356,8 @@ def _update(st: StreamState, plan: StepPlan) -> None:
                     raise RuntimeError("internal error: exact overlap before the last step")
                 st.x_buf[w.slot, :, :O] = known
         if w.step == S:
-            w.final = st.x_buf[w.slot].clone()
-            st.tail_final = (w.index, w.final[:, W - O:])
+            w.final = st.x_buf[w.slot, :, :w.frames].clone()
+            st.tail_final = (w.index, w.final[:, w.frames - O:])
             st.windows.remove(w)
             plan.finished.append(w)
 
