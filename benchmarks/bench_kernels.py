@@ -16,6 +16,10 @@ permute) and, when CUDA and triton exist, the Triton path, at the shapes the eng
   also the tiny UNet's axis levels ((1, 4, 8, 16*16, 64), 2 heads; (1, 4, 8, 8*8, 128), 4 heads), in
   float32 and bfloat16, permute + SDPA vs the CPU path (``impl="bmm"``, what ``auto`` runs on CPU).
 
+* GroupNorm + SiLU (CUDA only) of the sd15 UNet's ResnetBlocks: (32, 320, 64, 64) and
+  (32, 1280, 16, 16) bfloat16, 32 groups, ``F.group_norm`` + ``F.silu`` (``torch-ref``) vs the fused
+  Triton kernel (``triton-gn``), GB/s from ``group_norm_cost``.
+
 * Rasterizer (CUDA only; the CPU rasterizer has ``bench_rasterize_cpu.py``): 4 views x 512^2
   of the 9,976-face ``synthetic_head(0, flame_size=True)`` (one demo frame, ``ring-4`` rig),
   ``rasterize`` alone and ``rasterize`` + ``normal_map`` (what the FLAME encoder consumes),
@@ -28,8 +32,8 @@ permute) and, when CUDA and triton exist, the Triton path, at the shapes the eng
   (not written as rows).
 
 Each timing gives a latency row (ms) and, from the bytes/FLOPs the kernel modules document
-(``lbs_cost``, ``axis_attention_cost``), achieved GB/s and (attention) TFLOP/s rows; the
-reference rows use the same figures, so they read as "effective" rates. Writes
+(``lbs_cost``, ``axis_attention_cost``, ``group_norm_cost``), achieved GB/s and (attention,
+group_norm) TFLOP/s rows; the reference rows use the same figures, so they read as "effective" rates. Writes
 ``benchmarks/results/kernels_<device-tag>.json`` (tag ``cpu`` or the GPU name).
 """
 from __future__ import annotations
@@ -47,6 +51,7 @@ from harness import device_name, row, timeit, write  # noqa: E402
 from mvportrait.flame.synthetic import synthetic_head  # noqa: E402
 from mvportrait.kernels import lbs as lbs_k  # noqa: E402
 from mvportrait.kernels.axis_attention import axis_attention, axis_attention_cost, axis_attention_ref  # noqa: E402
+from mvportrait.kernels.group_norm import group_norm, group_norm_cost, group_norm_ref  # noqa: E402
 
 
 def device_tag() -> str:
@@ -109,7 +114,8 @@ def bench_lbs(dev, use_triton, repeat, sync):
     return rows
 
 
-UNVERIFIED = ("plan", "countbin")  # backends not yet run on a GPU: a failure skips the row, not the benchmark
+# backends not yet run on a GPU: a failure skips the row, not the benchmark
+UNVERIFIED = ("plan", "countbin", "triton-gn")
 
 
 def _timed(backend, fn, repeat, sync, warmup=3):
@@ -161,6 +167,28 @@ def bench_axis_attention(dev, use_triton, repeat, sync, sizes):
                     for backend, fn in cases:
                         s = timeit(fn, warmup=2, repeat=repeat, sync=sync)
                         rows += _rows("axis_attention", backend, s, cfg, cost["bytes"], cost["flops"])
+    return rows
+
+
+def bench_group_norm(repeat, sync):
+    """CUDA only: GroupNorm + SiLU of the sd15 UNet's ResnetBlocks (32 groups, bfloat16, NCHW),
+    ``F.group_norm`` + ``F.silu`` vs the fused Triton kernel (``triton-gn``: not yet run on a GPU,
+    so a failure skips its row). GB/s from ``group_norm_cost`` (x read twice, written once)."""
+    rows = []
+    dtype = torch.bfloat16
+    for shape in ((32, 320, 64, 64), (32, 1280, 16, 16)):
+        x = torch.randn(shape, device="cuda", dtype=dtype)
+        w = torch.randn(shape[1], device="cuda", dtype=dtype)
+        b = torch.randn(shape[1], device="cuda", dtype=dtype)
+        cost = group_norm_cost(shape, dtype, silu=True)
+        cfg = {"shape": "x".join(map(str, shape)), "groups": 32, "silu": True, "dtype": "bfloat16"}
+        cases = [("torch-ref", lambda: group_norm_ref(x, 32, w, b, 1e-5, silu=True)),
+                 ("triton-gn", lambda: group_norm(x, 32, w, b, 1e-5, silu=True, impl="triton"))]
+        with torch.inference_mode():
+            for backend, fn in cases:
+                s = _timed(backend, fn, repeat, sync)
+                if s is not None:
+                    rows += _rows("group_norm", backend, s, cfg, cost["bytes"], cost["flops"])
     return rows
 
 
@@ -311,6 +339,8 @@ def main():
     sizes = (32, 64) if (cuda or args.full) else (32,)
     rows += bench_axis_attention(dev, use_triton, max(3, repeat // 4) if not cuda else repeat, sync, sizes)
     rows += bench_rasterize(dev, repeat, sync, sweep=args.raster_sweep)
+    if use_triton:
+        rows += bench_group_norm(repeat, sync)
     path = write(rows, f"kernels_{device_tag()}.json")
     for r in rows:
         print(f"{r['name']:>15} {r['backend']:>26} {r['metric']:>9}: p50 {r['p50']:9.3f} {r['unit']:<7} {r['config']}")

@@ -41,12 +41,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mvportrait.config import UNetConfig
 from mvportrait.models.unet_blocks import (AxisTransformer, Downsample, RefKV, ResnetBlock, SpatialTransformer,
-                                           TimestepEmbedding, TransformerBlock, Upsample)
+                                           TimestepEmbedding, TransformerBlock, Upsample, _norm_act)
 
 __all__ = ["ReferenceCache", "MVUNet", "ReferenceUNet"]
 
@@ -325,7 +324,7 @@ class MVUNet(_SpatialUNet):
         if flame_features is not None:
             h = h + flame_features.reshape(n, c0, hh, ww).to(h.dtype)
         h = self._body(h, ctx)
-        h = self.conv_out(F.silu(self.conv_norm_out(h)))  # (N, C, h, w)
+        h = self.conv_out(_norm_act(self.conv_norm_out, h))  # GroupNorm-SiLU, (N, C, h, w)
         return h.reshape(b, nv, nf, cfg.out_channels, hh, ww)
 
     def _check_reference(self, ref: ReferenceCache, batch: int) -> None:

@@ -3,7 +3,9 @@
 Activations are channels-first images ``(N, C, h, w)`` with views and frames folded into the batch
 (``N = B * V * F``, row ``(b * V + v) * F + f``) everywhere except inside :class:`AxisTransformer`,
 which sees the same memory as ``(B, V, F, h*w, C)`` and attends along views or frames with
-:func:`mvportrait.kernels.axis_attention.axis_attention`.
+:func:`mvportrait.kernels.axis_attention.axis_attention`. On CUDA in eager inference the
+GroupNorm(-SiLU) of ResnetBlock, SpatialTransformer, AxisTransformer (and the UNet's output head)
+runs as one fused Triton kernel, :func:`mvportrait.kernels.group_norm.group_norm` (see ``_norm_act``).
 
 Blocks and the diffusers modules whose weights they take (``models/convert.py`` holds the name
 table; leaf names here are ours):
@@ -38,7 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mvportrait import envs
+from mvportrait.kernels._triton import triton_available
 from mvportrait.kernels.axis_attention import MAX_AXIS_LEN, axis_attention, axis_attention_ref
+from mvportrait.kernels.group_norm import group_norm
 from mvportrait.models.motion_denoiser import timestep_embedding
 
 __all__ = ["ResnetBlock", "Downsample", "Upsample", "Attention", "FeedForward", "TransformerBlock",
@@ -69,6 +73,37 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(e)))  # (B, 4 C0)
 
 
+_NORM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _norm_triton(norm: nn.GroupNorm, x: torch.Tensor) -> bool:
+    """Whether :func:`_norm_act` may run the fused Triton GroupNorm on ``x``.
+
+    Only for contiguous float32/float16/bfloat16 CUDA tensors with MVP_KERNELS auto (and triton
+    installed) or triton, and only in plain eager inference: autograd (no backward), tracing / ONNX
+    export, torch.compile (inductor fuses GroupNorm + SiLU itself), autocast (GroupNorm runs in
+    float32 there) and channels_last inputs keep the modules' own ops, so those paths are unchanged.
+    Also used by the autoencoder's ResnetBlocks.
+    """
+    if not x.is_cuda or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    if torch.is_grad_enabled() or torch.is_autocast_enabled("cuda") or not x.is_contiguous():
+        return False
+    if x.dtype not in _NORM_DTYPES or (norm.weight is not None and norm.weight.dtype not in _NORM_DTYPES):
+        return False
+    impl = envs.kernels()
+    return impl == "triton" or (impl == "auto" and triton_available())
+
+
+def _norm_act(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Tensor:
+    """``F.silu(norm(x))`` (``norm(x)`` with ``silu=False``); one fused Triton kernel where
+    :func:`_norm_triton` allows, else exactly the module calls."""
+    if _norm_triton(norm, x):
+        return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu, impl="triton")
+    h = norm(x)
+    return F.silu(h) if silu else h
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv3x3, + projected time embedding, GroupNorm-SiLU-conv3x3, + (1x1 conv) skip."""
 
@@ -82,10 +117,10 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (N, Cout, h, w)
+        h = self.conv1(_norm_act(self.norm1, x))  # GroupNorm-SiLU, (N, Cout, h, w)
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(_norm_act(self.norm2, h))
         return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
@@ -226,7 +261,8 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x, context, group: int = 1, ref_in=None, ref_out=None, ref_mask=None):
         n, c, hh, ww = x.shape
-        h = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(n, hh * ww, c)  # (N, hw, C)
+        h = self.proj_in(_norm_act(self.norm, x, silu=False))
+        h = h.permute(0, 2, 3, 1).reshape(n, hh * ww, c)  # (N, hw, C)
         for blk in self.blocks:
             h = blk(h, context, group, ref_in, ref_out, ref_mask)
         h = h.reshape(n, hh, ww, c).permute(0, 3, 1, 2).contiguous()  # (N, C, h, w)
@@ -315,7 +351,8 @@ class AxisTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, views: int, frames: int) -> torch.Tensor:
         n, c, hh, ww = x.shape
-        h = self.norm(x).permute(0, 2, 3, 1).reshape(n // (views * frames), views, frames, hh * ww, c)
+        h = _norm_act(self.norm, x, silu=False).permute(0, 2, 3, 1)
+        h = h.reshape(n // (views * frames), views, frames, hh * ww, c)
         h = self.proj_in(h)  # (B, V, F, hw, C)
         for blk in self.blocks:
             h = blk(h)
