@@ -25,9 +25,9 @@ permute) and, when CUDA and triton exist, the Triton path, at the shapes the eng
   ``rasterize`` alone and ``rasterize`` + ``normal_map`` (what the FLAME encoder consumes),
   Triton vs ``rasterize_ref`` / ``normal_map_ref``: latency (ms) and triangles/s (N * F input
   triangles per second), each as the engine calls it (on CUDA: a CUDA graph replay) and without
-  the graph (``triton-nograph``); ``triton-countbin`` rows: the same public calls with the counting
-  bin (``rasterize_triton.BINNING = "count"`` for the call; the default stays the sort bin until
-  these rows decide). ``--raster-sweep`` also prints the Triton path for other tile sizes,
+  the graph (``triton-nograph``); ``triton-sortbin`` rows: the same public calls with the sort bin
+  (``rasterize_triton.BINNING = "sort"`` for the call; the default is the counting bin, faster on an
+  H200). ``--raster-sweep`` also prints the Triton path for other tile sizes,
   triangles per step and warp counts, and a per-kernel GPU time breakdown of both binning modes
   (not written as rows).
 
@@ -114,18 +114,17 @@ def bench_lbs(dev, use_triton, repeat, sync):
     return rows
 
 
-# backends not yet run on a GPU: a failure skips the row, not the benchmark
-UNVERIFIED = ("plan", "countbin", "triton-gn")
+FAILED: list[str] = []  # rows whose call raised (reported, skipped; the script then exits with status 1)
 
 
 def _timed(backend, fn, repeat, sync, warmup=3):
-    """``timeit`` of ``fn``; for an UNVERIFIED backend an exception is printed and None returned."""
-    if not any(u in backend for u in UNVERIFIED):
-        return timeit(fn, warmup=warmup, repeat=repeat, sync=sync)
+    """``timeit`` of ``fn``; if the call raises, the error is printed, the row skipped (None returned)
+    and the failure counted, so one broken path does not hide the other rows of a GPU run."""
     try:
         return timeit(fn, warmup=warmup, repeat=repeat, sync=sync)
     except Exception as e:  # noqa: BLE001 -- report and go on with the other rows
         print(f"warning: {backend} failed, row skipped: {type(e).__name__}: {e}", file=sys.stderr)
+        FAILED.append(backend)
         return None
 
 
@@ -165,15 +164,15 @@ def bench_axis_attention(dev, use_triton, repeat, sync, sizes):
                     cases.append(("torch-bmm (cpu path)", lambda: axis_attention(q, k, v, heads, axis, impl="bmm")))
                 with torch.inference_mode():
                     for backend, fn in cases:
-                        s = timeit(fn, warmup=2, repeat=repeat, sync=sync)
-                        rows += _rows("axis_attention", backend, s, cfg, cost["bytes"], cost["flops"])
+                        s = _timed(backend, fn, repeat, sync, warmup=2)
+                        if s is not None:
+                            rows += _rows("axis_attention", backend, s, cfg, cost["bytes"], cost["flops"])
     return rows
 
 
 def bench_group_norm(repeat, sync):
     """CUDA only: GroupNorm + SiLU of the sd15 UNet's ResnetBlocks (32 groups, bfloat16, NCHW),
-    ``F.group_norm`` + ``F.silu`` vs the fused Triton kernel (``triton-gn``: not yet run on a GPU,
-    so a failure skips its row). GB/s from ``group_norm_cost`` (x read twice, written once)."""
+    ``F.group_norm`` + ``F.silu`` vs the fused Triton kernel (``triton-gn``). GB/s from ``group_norm_cost`` (x read twice, written once)."""
     rows = []
     dtype = torch.bfloat16
     for shape in ((32, 320, 64, 64), (32, 1280, 16, 16)):
@@ -231,9 +230,9 @@ def bench_rasterize(dev, repeat, sync, sweep=False):
     def fused(impl, graph=None):  # the renderer's call: on CUDA one graph for both, one host read
         return lambda: rast.rasterize_normal_map(pix, normals, faces, size, size, impl=impl, graph=graph)
 
-    def countbin(fn):  # the same public call with the counting bin (the default binning is read per call)
+    def sortbin(fn):  # the same public call with the sort bin (the default binning is read per call)
         def run():
-            old, rt.BINNING = rt.BINNING, "count"
+            old, rt.BINNING = rt.BINNING, "sort"
             try:
                 return fn()
             finally:
@@ -244,7 +243,7 @@ def bench_rasterize(dev, repeat, sync, sweep=False):
     # "triton": the public call as the engine makes it (on CUDA a CUDA graph replay + one read of the
     # pair count; with the normal map: rasterize_normal_map, both in one graph); "triton-2calls": graphed
     # rasterize, then normal_map; "triton-nograph": the same kernels launched one by one, buffers sized exactly;
-    # "triton-countbin(-nograph)": "triton(-nograph)" with the counting bin instead of the sort
+    # "triton-sortbin(-nograph)": "triton(-nograph)" with the sort bin instead of the counting bin
     cases = [("rasterize", "triton", tri("triton"), repeat),
              ("rasterize", "triton-nograph", tri("triton", False), repeat),
              ("rasterize", "torch-ref", tri("ref"), 5),
@@ -253,9 +252,9 @@ def bench_rasterize(dev, repeat, sync, sweep=False):
              ("rasterize+normal_map", "triton-nograph", fused("triton", False), repeat),
              ("rasterize+normal_map", "torch-ref", tri_nm("ref"), 5),
              # last: not yet run on a GPU (a failure skips these rows only)
-             ("rasterize", "triton-countbin", countbin(tri("triton")), repeat),
-             ("rasterize", "triton-countbin-nograph", countbin(tri("triton", False)), repeat),
-             ("rasterize+normal_map", "triton-countbin", countbin(fused("triton")), repeat)]
+             ("rasterize", "triton-sortbin", sortbin(tri("triton")), repeat),
+             ("rasterize", "triton-sortbin-nograph", sortbin(tri("triton", False)), repeat),
+             ("rasterize+normal_map", "triton-sortbin", sortbin(fused("triton")), repeat)]
     with torch.inference_mode():
         for name, backend, fn, rep in cases:
             s = _timed(backend, fn, rep, sync)
@@ -345,7 +344,11 @@ def main():
     for r in rows:
         print(f"{r['name']:>15} {r['backend']:>26} {r['metric']:>9}: p50 {r['p50']:9.3f} {r['unit']:<7} {r['config']}")
     print(f"wrote {path} ({device_name()})")
+    if FAILED:
+        print(f"{len(FAILED)} rows failed: {', '.join(FAILED)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

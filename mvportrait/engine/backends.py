@@ -143,7 +143,18 @@ class CompileRunner(TorchRunner):
         super().__init__(spec)
         dev = torch.device(device) if device is not None else torch.device("cpu")
         mode = mode or ("reduce-overhead" if dev.type == "cuda" else None)
+        self.graphs = mode in ("reduce-overhead", "max-autotune")  # inductor's CUDA graphs (cudagraph trees)
         self.module = torch.compile(self.module, dynamic=False, mode=mode)
+
+    def __call__(self, *tensors):
+        if not self.graphs:
+            return super().__call__(*tensors)
+        # CUDA graphs: outputs live in the graph's memory pool and the next replay of any compiled network
+        # overwrites them (the pipeline keeps some: the reference latents, an x0 estimate), so each call
+        # starts a new step and hands out copies (~the output size; small beside a UNet call)
+        with torch.inference_mode():
+            torch.compiler.cudagraph_mark_step_begin()
+            return tuple(t.clone() for t in _as_tuple(self.module(*tensors)))
 
 
 class OrtRunner:

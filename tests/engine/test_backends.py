@@ -216,3 +216,24 @@ def test_cli_generate_backend(stage2_micro_run, tmp_path, capsys, monkeypatch):
     assert "stage 2 (onnxruntime)" in capsys.readouterr().out and (tmp_path / "a.mp4").stat().st_size > 0
     assert main(args + ["--out", str(tmp_path / "b.mp4"), "--backend", "onnx"]) == 2
     assert "--backend" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor's CUDA graphs)")
+@needs_compile
+def test_gpu_compile_runner_outputs_survive_later_calls():
+    """reduce-overhead on CUDA: an output kept by the caller (the reference latents, an x0 estimate) is not
+    overwritten by later replays (on an H200 the pipeline once failed with "accessing tensor output of
+    CUDAGraphs that has been overwritten by a subsequent run")."""
+    import types
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 8)).cuda()
+    runner = backends.CompileRunner(types.SimpleNamespace(module=net), device="cuda")
+    assert runner.graphs
+    xs = [torch.randn(4, 8, device="cuda") for _ in range(5)]
+    kept = [runner(x)[0] for x in xs]  # every output kept while the later calls replay the graph
+    with torch.inference_mode():
+        want = [net(x) for x in xs]
+    for k, w in zip(kept, want):
+        torch.testing.assert_close(k, w, atol=1e-5, rtol=1e-4)
