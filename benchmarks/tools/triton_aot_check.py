@@ -42,7 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-MODULES = ("mvportrait.kernels.lbs", "mvportrait.kernels.axis_attention", "mvportrait.kernels.rasterize_triton")
+MODULES = ("mvportrait.kernels.lbs", "mvportrait.kernels.axis_attention", "mvportrait.kernels.rasterize_triton",
+           "mvportrait.kernels.group_norm")
 
 # constexprs the wrappers choose as ``X if dev.type == "cuda" else Y``: the CUDA branch's values
 GPU_OVERRIDES = {
@@ -77,6 +78,7 @@ def record(out_path: str, quick: bool):
 
     from mvportrait.kernels import _triton
     from mvportrait.kernels import axis_attention as A
+    from mvportrait.kernels import group_norm as G
     from mvportrait.kernels import lbs as L
     from mvportrait.kernels import rasterize_triton as R
 
@@ -102,7 +104,7 @@ def record(out_path: str, quick: bool):
                 return launch
         return Proxy()
 
-    for m in (L, A, R):
+    for m in (L, A, R, G):
         m.launcher = rec_launcher
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     g = torch.Generator().manual_seed(0)
@@ -155,6 +157,25 @@ def record(out_path: str, quick: bool):
     if not quick:  # the frame axis with non-contiguous strides once per head dim
         for c, h in chans[:3]:
             attn_case((2, 4, 16, 256, c), h, "frame", torch.float16, False, f"attn frame C={c}")
+
+    # --- GroupNorm (+ SiLU): small shapes executed, the UNet's levels recorded (window 8 and a 3-frame first
+    # window of 4 views: 32 / 12 images), the autoencoder's decoder at 512^2 (one frame of 4 views)
+    def gn_case(shape, groups, dtype, silu, execute, label):
+        state.update(execute=execute, label=label)
+        x = torch.randn(*shape, generator=g).to(dtype) if execute else torch.empty(shape, dtype=dtype)
+        wt, bs = torch.randn(shape[1], generator=g).to(dtype), torch.randn(shape[1], generator=g).to(dtype)
+        G.group_norm(x, groups, wt, bs, 1e-5, silu=silu, impl="triton")
+
+    for dt in dtypes:
+        for silu in (True, False):
+            gn_case((2, 6, 5, 7), 3, dt, silu, True, "gn small")
+            gn_case((1, 8, 9), 4, dt, silu, True, "gn small 1-D")
+    gn_shapes = [(nb, c, hw, hw) for nb in (32, 12) for c, hw in ((320, 64), (640, 32), (1280, 16), (1280, 8))]
+    gn_shapes += [(4, 512, 64, 64), (4, 256, 256, 256), (4, 128, 512, 512), (32, 320, 4096)]
+    for dt in ((torch.bfloat16, torch.float32) if not quick else (torch.bfloat16,)):
+        for shape in gn_shapes:
+            for silu in (True, False):
+                gn_case(shape, 32, dt, silu, False, f"gn {shape}")
 
     # --- rasterizer + normal map / interpolate, executed on a small scene with the GPU knobs
     import torch.nn.functional as F

@@ -21,15 +21,24 @@ Tensors: ``coeffs`` (N, K) float, ``pose`` (N, 3J) axis-angle in joint order, ``
 Three implementations, chosen by ``impl`` in :func:`lbs`:
 
 * ``lbs_ref`` -- plain PyTorch, the specification (any float dtype, any device).
-* ``_lbs_kernel`` -- Triton, one launch for the whole batch. A tiny torch step first computes
-  per-frame quantities from the joint basis ``[J_reg . v_template | J_reg . dirs]``
-  (:func:`construct_joint_basis`, (J, 3, 1+K) float32): joints ``J``, Rodrigues, the kinematic
-  chain ``A`` (N, J, 3, 4) and the pose feature (N, P), all float32 (a few hundred bytes per
-  frame). The kernel then runs one program per (block of ``BLOCK_V`` vertices, block of
-  ``BLOCK_N`` frames): blendshapes as ``tl.dot`` over K in chunks of ``BLOCK_K``, pose
-  correctives the same way over P, skinning ``sum_j w_vj (A_j [v; 1])`` and the translation,
-  with every vertex written by exactly one program (no atomics). Inputs fp32/fp16/bf16 are
-  loaded in their dtype and accumulated in fp32 (``input_precision="ieee"``: no TF32).
+* ``_lbs_joints_kernel`` + ``_lbs_kernel`` -- Triton, two launches for the whole batch. The joint
+  kernel computes the per-frame quantities in float32 from the joint basis
+  ``[J_reg . v_template | J_reg . dirs]`` (:func:`construct_joint_basis`, (J, 3, 1+K) float32) and
+  the (J,) int32 parents: one program per block of ``BLOCK_N`` frames (<= 4: the step is latency-
+  bound, so many short programs), every quantity a (BLOCK_N,) vector. Rest joints ``basis . [1; c]``
+  as exact fp32 products summed by ``tl.sum`` over (BLOCK_N, 3J, BLOCK_K) tiles (no ``tl.dot``, so
+  no TF32 and no size-16 rule), Rodrigues with the formula of :func:`rodrigues` in float32 (same
+  Taylor branch for ``|r|^2 < 1e-4``), and the chain in joint order (J constexpr, parents read at
+  run time): each global transform ``G_j`` is kept in column j of twelve (BLOCK_N, J) register tiles
+  and the parent's read back with a masked sum (exact: it adds zeros), so there are no barriers or
+  scratch memory. It writes the pose feature (N, P), ``A`` (N, J, 3, 4) and the posed joints
+  (N, J, 3) (+ translation; rounded to the model's dtype in the kernel, straight into the output) -- what the torch step of :func:`lbs_ref` (``rodrigues``,
+  :func:`batch_rigid_transform`) gives, to float32 rounding. ``_lbs_kernel`` then runs one program
+  per (block of ``BLOCK_V`` vertices, block of ``BLOCK_N`` frames): blendshapes as ``tl.dot`` over K
+  in chunks of ``BLOCK_K``, pose correctives the same way over P, skinning
+  ``sum_j w_vj (A_j [v; 1])`` and the translation, with every vertex written by exactly one program
+  (no atomics). Inputs fp32/fp16/bf16 are loaded in their dtype and accumulated in fp32
+  (``input_precision="ieee"``: no TF32).
 * ``_vertex_normals_kernel`` -- Triton, one program per (block of vertices, frame): gathers each
   vertex's faces from the table of :func:`construct_vertex_faces` (V, M) int32 (``-1`` padded,
   M = largest valence), sums their unnormalised normals and normalises (``clamp_min(1e-12)``,
@@ -38,8 +47,10 @@ Three implementations, chosen by ``impl`` in :func:`lbs`:
 Cost (elements of the input dtype, ``s`` bytes each; float32 = 4 bytes for the small per-frame
 tensors). LBS kernel: reads dirs + posedirs + template + weights once per frame block,
 ``s V (3K + 3P + 3 + J)``, the per-frame tensors ``N (s K + 4 P + 48 J + 3 s)`` (re-read by
-every vertex block from L2, counted once), writes ``s 3NV``; FLOPs ``6NV(K + P) + 24NVJ + 3NV``. The torch step adds
-``2 J V 3K`` FLOPs and a read of ``dirs`` unless ``joint_basis`` is passed precomputed.
+every vertex block from L2, counted once), writes ``s 3NV``; FLOPs ``6NV(K + P) + 24NVJ + 3NV``. The joint
+kernel reads the basis ``12 J (1 + K)`` (L2 after the first frame block) and ``N s (K + 3J)``, writes
+``N (4 P + 60 J)`` and does ``N J (6K + ~130)`` FLOPs. Building the joint basis adds ``2 J V 3K`` FLOPs
+and a read of ``dirs`` unless ``joint_basis`` is passed precomputed (:func:`lbs` caches it per model).
 Normals kernel: reads ``4 V M`` table bytes + ``F 12`` face bytes + ``~9 s V M N`` gathered
 vertex bytes (L1/L2 hits mostly), writes ``s 3NV``; ~30 FLOPs per (vertex, face slot, frame).
 :func:`lbs_cost` returns these numbers for benchmarks. The reference does the same FLOPs but
@@ -51,21 +62,23 @@ tensors under the Triton interpreter ``TRITON_INTERPRET=1``, otherwise a Runtime
 reference. There is no C++ LBS.
 
 CUDA graphs (``graph=`` of :func:`lbs`, ``MVP_CUDA_GRAPHS``): on CUDA the Triton path is host-bound
-(~40 small launches for the joint chain and the kernels, ~1 ms of host time against a few
-microseconds of GPU work), so :func:`lbs` replays the whole call as one CUDA graph per (shapes,
-dtypes, model tensors, options) through :class:`mvportrait.kernels._graphs.GraphCache`: per call one
-batched copy of coeffs / pose / translation into the graph's inputs, one replay and one clone of
-the packed outputs. The joint basis, the faces table and the value checks of ``parents`` / ``faces``
-are computed once per content (:func:`mvportrait.kernels._graphs.once`). Measured on an H200
-(benchmarks/results/kernels_nvidia-h200.json): 0.19 ms per 1-frame call against 0.80 ms eager and
-0.81 ms for the same launches without the graph.
+(a handful of launches and allocations -- before the fused joint kernel also ~40 small torch ops for
+the joint chain -- ~1 ms of host time against a few microseconds of GPU work), so :func:`lbs` replays
+the whole call as one CUDA graph per (shapes, dtypes, model tensors, options) through
+:class:`mvportrait.kernels._graphs.GraphCache`: per call one batched copy of coeffs / pose / translation
+into the graph's inputs, one replay and one clone of the packed outputs. The joint basis, the faces
+table, the int32 parents tensor and the value checks of ``parents`` / ``faces`` are computed once per
+content (:func:`mvportrait.kernels._graphs.once`). Measured on an H200
+(benchmarks/results/kernels_nvidia-h200.json) with the torch joint step, before the fused joint kernel:
+0.19 ms per 1-frame call against 0.80 ms eager and 0.81 ms for the same launches without the graph;
+inside the graph the ~40 small joint-step kernels were most of the GPU time.
 
 Prepared calls (:func:`lbs_plan` -> :class:`LBSPlan`): a frame loop with one model at one batch size
 leaves even the per-call work of :func:`lbs` (checks of nine tensors, cache keys, lookups) on the host.
 ``plan = lbs_plan(v_template, dirs, posedirs, j_regressor, parents, weights, batch=N, faces=None,
 translation=True)`` does all validation and one-time work at creation (parents and faces value checks,
-joint basis, faces tables, and on CUDA the graph capture, with the plan's own static input buffers,
-through :func:`mvportrait.kernels._graphs.capture`). ``plan(coeffs, pose, translation, copy=True)``
+joint basis, int32 parents, faces tables, and on CUDA the graph capture, with the plan's own static input
+buffers, through :func:`mvportrait.kernels._graphs.capture`). ``plan(coeffs, pose, translation, copy=True)``
 then compares the three inputs' shape / dtype / device with the stored ones (ValueError / TypeError
 naming the expected shape), copies them into the graph's inputs in one ``_foreach_copy_``, replays
 and clones the packed outputs once -- or, ``copy=False``, returns views of the static outputs, valid
@@ -249,6 +262,170 @@ def _lbs_kernel(coef_ptr, feat_ptr, tmpl_ptr, dirs_ptr, pdirs_ptr, w_ptr, a_ptr,
     tl.store(dst + 1, oy.to(out_ptr.dtype.element_ty), mask=m)
     tl.store(dst + 2, oz.to(out_ptr.dtype.element_ty), mask=m)
 
+
+@triton_kernel
+def _lbs_joints_kernel(coef_ptr, pose_ptr, basis_ptr, par_ptr, trans_ptr, feat_ptr, a_ptr, pj_ptr, N, K,
+                       J: tl.constexpr, HAS_TRANS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr):
+    # coef (N, K) input dtype; pose (N, 3J) input dtype; basis (3J, 1 + K) f32, row 3j + c = joint j,
+    # coordinate c: [rest | directions]; par (J,) int32; trans (N, 3); outputs: feat (N, 9(J-1)) f32,
+    # a (N, J, 3, 4) f32, pj (N, J, 3) any float dtype. All contiguous. Every per-frame quantity is a
+    # (BLOCK_N,) float32 vector.
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < 3 * J
+    # rest joints of every frame: jt[n, r] = basis[r, 0] + sum_k basis[r, 1 + k] c[n, k]; exact fp32
+    # products summed with tl.sum over (BLOCK_N, BLOCK_R, BLOCK_K) tiles (no tl.dot: no TF32, no size rule)
+    jt = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        c = tl.load(coef_ptr + offs_n[:, None] * K + offs_k[None, :],
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)  # (BN, BK)
+        d = tl.load(basis_ptr + offs_r[:, None] * (K + 1) + 1 + offs_k[None, :],
+                    mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # (BR, BK)
+        jt += tl.sum(c[:, None, :] * d[None, :, :], axis=2)
+    jt += tl.load(basis_ptr + offs_r * (K + 1), mask=mask_r, other=0.0)[None, :]
+    # global transforms G_j = [g_R | g_t] of the joints done so far, kept in registers: column j of
+    # twelve (BLOCK_N, BLOCK_J) tiles; the parent (a runtime index) is read back by a masked sum
+    cols = tl.arange(0, BLOCK_J)[None, :]
+    tile = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
+    g00 = tile
+    g01 = tile
+    g02 = tile
+    g03 = tile
+    g10 = tile
+    g11 = tile
+    g12 = tile
+    g13 = tile
+    g20 = tile
+    g21 = tile
+    g22 = tile
+    g23 = tile
+    for j in tl.static_range(J):
+        # rest joint j (column 3j + i of jt; the masked sums add exact zeros)
+        cx = tl.sum(tl.where(offs_r[None, :] == 3 * j + 0, jt, 0.0), axis=1)
+        cy = tl.sum(tl.where(offs_r[None, :] == 3 * j + 1, jt, 0.0), axis=1)
+        cz = tl.sum(tl.where(offs_r[None, :] == 3 * j + 2, jt, 0.0), axis=1)
+        # Rodrigues, as `rodrigues` in float32: R = I + a K + b K^2, Taylor series for t^2 < 1e-4
+        rp = pose_ptr + offs_n * (3 * J) + 3 * j
+        x = tl.load(rp + 0, mask=mask_n, other=0.0).to(tl.float32)
+        y = tl.load(rp + 1, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(rp + 2, mask=mask_n, other=0.0).to(tl.float32)
+        t2 = x * x + y * y + z * z
+        small = t2 < 1e-4
+        st = tl.sqrt(tl.where(small, 1.0, t2))  # no sqrt(0), no division by 0 in the unused branch
+        sa = tl.where(small, 1 - t2 / 6 + t2 * t2 / 120, tl.sin(st) / st)
+        sb = tl.where(small, 0.5 - t2 / 24 + t2 * t2 / 720, (1 - tl.cos(st)) / (st * st))
+        r00 = 1 + sb * (-(y * y) - z * z)  # K^2: diagonal -(|r|^2 - r_i^2), off-diagonal r_i r_j
+        r01 = -sa * z + sb * (x * y)
+        r02 = sa * y + sb * (x * z)
+        r10 = sa * z + sb * (x * y)
+        r11 = 1 + sb * (-(x * x) - z * z)
+        r12 = -sa * x + sb * (y * z)
+        r20 = -sa * y + sb * (x * z)
+        r21 = sa * x + sb * (y * z)
+        r22 = 1 + sb * (-(x * x) - y * y)
+        if j == 0:  # root: G_0 = [R_0 | c_0]
+            n00 = r00
+            n01 = r01
+            n02 = r02
+            n03 = cx
+            n10 = r10
+            n11 = r11
+            n12 = r12
+            n13 = cy
+            n20 = r20
+            n21 = r21
+            n22 = r22
+            n23 = cz
+        else:
+            # pose feature R_j - I
+            fp = feat_ptr + offs_n * (9 * (J - 1)) + 9 * (j - 1)
+            tl.store(fp + 0, r00 - 1, mask=mask_n)
+            tl.store(fp + 1, r01, mask=mask_n)
+            tl.store(fp + 2, r02, mask=mask_n)
+            tl.store(fp + 3, r10, mask=mask_n)
+            tl.store(fp + 4, r11 - 1, mask=mask_n)
+            tl.store(fp + 5, r12, mask=mask_n)
+            tl.store(fp + 6, r20, mask=mask_n)
+            tl.store(fp + 7, r21, mask=mask_n)
+            tl.store(fp + 8, r22 - 1, mask=mask_n)
+            p = tl.load(par_ptr + j)  # parent index, < j
+            pm = cols == p
+            p00 = tl.sum(tl.where(pm, g00, 0.0), axis=1)
+            p01 = tl.sum(tl.where(pm, g01, 0.0), axis=1)
+            p02 = tl.sum(tl.where(pm, g02, 0.0), axis=1)
+            p03 = tl.sum(tl.where(pm, g03, 0.0), axis=1)
+            p10 = tl.sum(tl.where(pm, g10, 0.0), axis=1)
+            p11 = tl.sum(tl.where(pm, g11, 0.0), axis=1)
+            p12 = tl.sum(tl.where(pm, g12, 0.0), axis=1)
+            p13 = tl.sum(tl.where(pm, g13, 0.0), axis=1)
+            p20 = tl.sum(tl.where(pm, g20, 0.0), axis=1)
+            p21 = tl.sum(tl.where(pm, g21, 0.0), axis=1)
+            p22 = tl.sum(tl.where(pm, g22, 0.0), axis=1)
+            p23 = tl.sum(tl.where(pm, g23, 0.0), axis=1)
+            # relative rest offset c_j - c_parent
+            qm = offs_r[None, :] == 3 * p
+            ux = cx - tl.sum(tl.where(qm, jt, 0.0), axis=1)
+            uy = cy - tl.sum(tl.where(offs_r[None, :] == 3 * p + 1, jt, 0.0), axis=1)
+            uz = cz - tl.sum(tl.where(offs_r[None, :] == 3 * p + 2, jt, 0.0), axis=1)
+            # G_j = G_parent [R_j | c_j - c_parent]
+            n00 = p00 * r00 + p01 * r10 + p02 * r20
+            n01 = p00 * r01 + p01 * r11 + p02 * r21
+            n02 = p00 * r02 + p01 * r12 + p02 * r22
+            n03 = p00 * ux + p01 * uy + p02 * uz + p03
+            n10 = p10 * r00 + p11 * r10 + p12 * r20
+            n11 = p10 * r01 + p11 * r11 + p12 * r21
+            n12 = p10 * r02 + p11 * r12 + p12 * r22
+            n13 = p10 * ux + p11 * uy + p12 * uz + p13
+            n20 = p20 * r00 + p21 * r10 + p22 * r20
+            n21 = p20 * r01 + p21 * r11 + p22 * r21
+            n22 = p20 * r02 + p21 * r12 + p22 * r22
+            n23 = p20 * ux + p21 * uy + p22 * uz + p23
+        # A_j = [G_R | G_t - G_R c_j]
+        ap = a_ptr + offs_n * (12 * J) + 12 * j
+        tl.store(ap + 0, n00, mask=mask_n)
+        tl.store(ap + 1, n01, mask=mask_n)
+        tl.store(ap + 2, n02, mask=mask_n)
+        tl.store(ap + 3, n03 - (n00 * cx + n01 * cy + n02 * cz), mask=mask_n)
+        tl.store(ap + 4, n10, mask=mask_n)
+        tl.store(ap + 5, n11, mask=mask_n)
+        tl.store(ap + 6, n12, mask=mask_n)
+        tl.store(ap + 7, n13 - (n10 * cx + n11 * cy + n12 * cz), mask=mask_n)
+        tl.store(ap + 8, n20, mask=mask_n)
+        tl.store(ap + 9, n21, mask=mask_n)
+        tl.store(ap + 10, n22, mask=mask_n)
+        tl.store(ap + 11, n23 - (n20 * cx + n21 * cy + n22 * cz), mask=mask_n)
+        # posed joint G_t (+ translation)
+        tx = n03
+        ty = n13
+        tz = n23
+        if HAS_TRANS:
+            tx += tl.load(trans_ptr + offs_n * 3 + 0, mask=mask_n, other=0.0).to(tl.float32)
+            ty += tl.load(trans_ptr + offs_n * 3 + 1, mask=mask_n, other=0.0).to(tl.float32)
+            tz += tl.load(trans_ptr + offs_n * 3 + 2, mask=mask_n, other=0.0).to(tl.float32)
+        jp = pj_ptr + offs_n * (3 * J) + 3 * j
+        tl.store(jp + 0, tx.to(pj_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(jp + 1, ty.to(pj_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(jp + 2, tz.to(pj_ptr.dtype.element_ty), mask=mask_n)
+        # remember G_j in column j for the joints below it
+        jm = cols == j
+        g00 = tl.where(jm, n00[:, None], g00)
+        g01 = tl.where(jm, n01[:, None], g01)
+        g02 = tl.where(jm, n02[:, None], g02)
+        g03 = tl.where(jm, n03[:, None], g03)
+        g10 = tl.where(jm, n10[:, None], g10)
+        g11 = tl.where(jm, n11[:, None], g11)
+        g12 = tl.where(jm, n12[:, None], g12)
+        g13 = tl.where(jm, n13[:, None], g13)
+        g20 = tl.where(jm, n20[:, None], g20)
+        g21 = tl.where(jm, n21[:, None], g21)
+        g22 = tl.where(jm, n22[:, None], g22)
+        g23 = tl.where(jm, n23[:, None], g23)
+
+
 @triton_kernel
 def _vertex_normals_kernel(verts_ptr, faces_ptr, vf_ptr, out_ptr, V, M,
                            BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -421,31 +598,63 @@ def _vertex_normals_triton(verts, faces32, vertex_faces, out=None):
 # ---------------------------------------------------------------------------- public LBS
 def lbs_cost(n: int, nv: int, k: int, nj: int = 5, dtype: torch.dtype = torch.float32,
              joint_basis: bool = False) -> dict:
-    """Bytes moved and FLOPs of one Triton LBS call (module docstring), for benchmarks."""
+    """Bytes moved and FLOPs of one Triton LBS call (joint and LBS kernels; module docstring), for benchmarks."""
     s = torch.empty((), dtype=dtype).element_size()
     p = 9 * (nj - 1)
     nbytes = s * nv * (3 * k + 3 * p + 3 + nj) + n * (s * k + 4 * p + 48 * nj + 3 * s) + s * 3 * n * nv
     flops = 6 * n * nv * (k + p) + 24 * n * nv * nj + 3 * n * nv
+    nbytes += 12 * nj * (1 + k) + n * (s * (k + 3 * nj) + 4 * p + 60 * nj)  # the joint kernel
+    flops += n * nj * (6 * k + 130)
     if not joint_basis:
         nbytes += s * 3 * nv * k
         flops += 2 * nj * nv * 3 * k
     return {"bytes": nbytes, "flops": flops}
 
 
-def _lbs_triton(coeffs, pose, v_template, dirs, posedirs, parents, weights, translation, joint_basis, out):
-    """The Triton LBS on checked inputs (``parents`` a list); no host sync, so it can be graph-captured."""
+def _lbs_joints_triton(coeffs, pose, joint_basis, parents_t, translation, joints_out=None):
+    """The per-frame joint step in one launch, float32: rest joints ``basis . [1; c]``, Rodrigues, the pose
+    feature and the kinematic chain. ``coeffs`` (N, K), ``pose`` (N, 3J), ``translation`` (N, 3) or None in
+    fp32/fp16/bf16; ``joint_basis`` (J, 3, 1 + K) float32; ``parents_t`` (J,) int32 on the same device
+    (``parents[0] == -1``, ``parents[j] < j``; not checked here). Returns ``feat`` (N, 9(J-1)), ``a``
+    (N, J, 3, 4) and ``posed_joints`` (N, J, 3) (+ translation), float32 and contiguous: what the torch
+    step of :func:`lbs_ref` computes (``rodrigues``, ``batch_rigid_transform``). ``joints_out``: an optional
+    contiguous (N, J, 3) tensor of any float dtype that receives the posed joints instead (rounded from
+    float32 in the kernel) and is returned as ``posed_joints``. Allocates only its outputs and never syncs
+    with the host, so it can be graph-captured."""
+    kernel = launcher(_lbs_joints_kernel, coeffs.device, "lbs")
+    n, k = coeffs.shape
+    nj = joint_basis.shape[0]
+    dev = coeffs.device
+    feat = torch.empty(n, 9 * (nj - 1), dtype=torch.float32, device=dev)
+    a = torch.empty(n, nj, 3, 4, dtype=torch.float32, device=dev)
+    posed_joints = torch.empty(n, nj, 3, dtype=torch.float32, device=dev) if joints_out is None else joints_out
+    if n == 0 or nj == 0:
+        return feat, a, posed_joints
+    block_n = max(2, min(4, _next_pow2(n)))  # latency-bound: many small programs rather than few long ones
+    block_r = max(2, _next_pow2(3 * nj))
+    block_k = max(2, min(_next_pow2(k), 8192 // (block_n * block_r)))  # (BN, BR, BK) product tile <= 8192
+    trans = translation.contiguous() if translation is not None else a  # dummy pointers when absent
+    kernel[(_cdiv(n, block_n),)](coeffs.contiguous(), pose.contiguous(), joint_basis.contiguous(), parents_t, trans,
+                                 feat if nj > 1 else a, a, posed_joints, n, k,
+                                 J=nj, HAS_TRANS=translation is not None, BLOCK_N=block_n, BLOCK_R=block_r,
+                                 BLOCK_K=block_k, BLOCK_J=max(2, _next_pow2(nj)), num_warps=4)
+    return feat, a, posed_joints
+
+
+def _lbs_triton(coeffs, pose, v_template, dirs, posedirs, parents_t, weights, translation, joint_basis, out,
+                joints_out=None):
+    """The Triton LBS on checked inputs (``parents_t`` the (J,) int32 parents on the device; ``out`` /
+    ``joints_out`` optional contiguous (N, V, 3) / (N, J, 3) outputs of the model's dtype); no host sync,
+    so it can be graph-captured."""
     kernel = launcher(_lbs_kernel, v_template.device, "lbs")
     n, k = coeffs.shape
     nv, nj = weights.shape
     p = posedirs.shape[2]
-    # tiny per-frame torch step, float32: joints, rotations, pose feature, kinematic chain
-    joints = joint_basis[..., 0] + torch.einsum("jck,nk->njc", joint_basis[..., 1:], coeffs.float())  # (N, J, 3)
-    rot = rodrigues(pose.float().reshape(n, nj, 3))  # (N, J, 3, 3)
-    feat = (rot[:, 1:] - torch.eye(3, device=rot.device)).reshape(n, p).contiguous()  # (N, P)
-    posed_joints, a = batch_rigid_transform(rot, joints, parents)
-    a = a[:, :, :3, :].contiguous()  # (N, J, 3, 4)
-    if translation is not None:
-        posed_joints = posed_joints + translation.float()[:, None, :]
+    # per-frame joint step, one launch, float32: pose feature (N, P), chain A (N, J, 3, 4), posed joints
+    # (written in the model's dtype, into ``joints_out`` when given: no separate cast or copy)
+    if joints_out is None:
+        joints_out = torch.empty(n, nj, 3, dtype=v_template.dtype, device=v_template.device)
+    feat, a, posed_joints = _lbs_joints_triton(coeffs, pose, joint_basis, parents_t, translation, joints_out)
     if out is None:
         out = torch.empty(n, nv, 3, dtype=v_template.dtype, device=v_template.device)
     if n and nv:
@@ -457,10 +666,10 @@ def _lbs_triton(coeffs, pose, v_template, dirs, posedirs, parents, weights, tran
                      weights.contiguous(), a, trans, out, n, nv, k, p, nj,
                      HAS_TRANS=translation is not None, BLOCK_V=block_v, BLOCK_N=block_n, BLOCK_K=block_k,
                      num_warps=8 if block_n >= 64 else 4)  # 32x64 fp32 tiles at 4 warps: 255 regs + spills (sm_90)
-    return out, posed_joints.to(v_template.dtype)
+    return out, posed_joints
 
 
-def _packed_lbs(n, v_template, dirs, posedirs, par, weights, joint_basis, normals=None):
+def _packed_lbs(n, v_template, dirs, posedirs, parents_t, weights, joint_basis, normals=None):
     """The Triton path as ``fn(coeffs, pose, translation) -> (buf,)`` writing vertices, joints and,
     with ``normals = (faces32, vertex_faces)``, normals into one flat buffer (so one clone copies every
     output), and ``unpack(buf)`` -> [(N, V, 3), (N, J, 3)[, (N, V, 3)]] views of such a buffer.
@@ -477,8 +686,8 @@ def _packed_lbs(n, v_template, dirs, posedirs, par, weights, joint_basis, normal
     def fn(coeffs, pose, translation):
         buf = torch.empty(sum(sizes), dtype=v_template.dtype, device=v_template.device)
         parts = unpack(buf)
-        _, j = _lbs_triton(coeffs, pose, v_template, dirs, posedirs, par, weights, translation, joint_basis, parts[0])
-        parts[1].copy_(j)
+        _lbs_triton(coeffs, pose, v_template, dirs, posedirs, parents_t, weights, translation, joint_basis, parts[0],
+                    parts[1])
         if normals is not None:
             _vertex_normals_triton(parts[0], normals[0], normals[1], parts[2])
         return (buf,)
@@ -505,6 +714,12 @@ def _parents_list(parents) -> list[int]:
     if par[0] != -1 or any(not (0 <= p < j) for j, p in enumerate(par) if j > 0):
         raise ValueError(f"parents must be topologically sorted with parents[0] == -1, got {par}")
     return par
+
+
+def _parents_tensor(parents: torch.Tensor, device) -> torch.Tensor:
+    """``parents`` (checked by :func:`_parents_list`) as the contiguous (J,) int32 tensor on ``device`` that the
+    joint kernel reads; a device-side cast when ``parents`` is already there (no host round trip)."""
+    return parents.to(device=device, dtype=torch.int32).contiguous()
 
 
 GRAPHS = _graphs.GraphCache("lbs")  # CUDA graphs of the Triton path, one per shape / model / options
@@ -570,9 +785,10 @@ def lbs(coeffs, pose, v_template, dirs, posedirs, j_regressor, parents, weights,
             vertex_faces = _graphs.once("lbs.vertex_faces", (faces,), lambda: construct_vertex_faces(faces, nv), nv)
         _check("vertex_faces", vertex_faces, (nv, None), torch.int32, dev)
         faces32 = _graphs.once("lbs.faces32", (faces,), lambda: faces.to(torch.int32).contiguous())
+    par_t = _graphs.once("lbs.parents32", (parents,), lambda: _parents_tensor(parents, dev), dev)
 
     if use_graph:
-        packed, unpack = _packed_lbs(n, v_template, dirs, posedirs, par, weights, joint_basis,
+        packed, unpack = _packed_lbs(n, v_template, dirs, posedirs, par_t, weights, joint_basis,
                                      None if faces is None else (faces32, vertex_faces))
 
         def finish(res):
@@ -581,11 +797,12 @@ def lbs(coeffs, pose, v_template, dirs, posedirs, j_regressor, parents, weights,
             verts, *rest = unpack(res[0])
             return [out.copy_(verts)] + [x.clone() for x in rest]
 
-        keep = (v_template, dirs, posedirs, weights, joint_basis) + (() if faces is None else (faces32, vertex_faces))
+        keep = (v_template, dirs, posedirs, weights, joint_basis, par_t) + (() if faces is None else
+                                                                          (faces32, vertex_faces))
         res = GRAPHS.run(("lbs", tuple(par)), packed, (coeffs, pose, translation), keep=keep, finish=finish)
         verts, joints, normals = res[0], res[1], (res[2] if faces is not None else None)
     else:
-        verts, joints = _lbs_triton(coeffs, pose, v_template, dirs, posedirs, par, weights, translation,
+        verts, joints = _lbs_triton(coeffs, pose, v_template, dirs, posedirs, par_t, weights, translation,
                                     joint_basis, out)
         normals = None if faces is None else _vertex_normals_triton(verts, faces32, vertex_faces)
     return (verts, joints) if faces is None else (verts, joints, normals)
@@ -654,17 +871,18 @@ class LBSPlan:
         """The graph path's one-time work: joint basis, parents list, faces tables and the capture."""
         v_template, dirs, posedirs, j_regressor, parents, weights = self.model
         self._static, self._failed, self._seen = None, False, self._versions()
-        par = _parents_list(parents)
+        _parents_list(parents)  # value check again: parents may have changed in place
+        par_t = _parents_tensor(parents, self.device)
         basis = construct_joint_basis(j_regressor, v_template, dirs)
         normals = None
         if self.faces is not None:
             normals = (self.faces.to(torch.int32).contiguous(), construct_vertex_faces(self.faces, v_template.shape[0]))
-        fn, self._unpack = _packed_lbs(self.batch, v_template, dirs, posedirs, par, weights, basis, normals)
+        fn, self._unpack = _packed_lbs(self.batch, v_template, dirs, posedirs, par_t, weights, basis, normals)
         inputs = [torch.zeros(s, dtype=self.dtype, device=self.device) for s in self.input_shapes]
         if not self.translation:
             inputs[2] = None
         try:
-            g = _graphs.capture(fn, inputs, keep=self.model + (basis,) + (normals or ()))
+            g = _graphs.capture(fn, inputs, keep=self.model + (basis, par_t) + (normals or ()))
         except RuntimeError as e:  # e.g. an op that cannot be captured: run without the graph from now on
             warnings.warn(f"lbs_plan: CUDA graph capture failed ({e}); running without graphs", RuntimeWarning,
                           stacklevel=3)
