@@ -64,7 +64,7 @@ def test_lossless_order_completeness_and_frame_format(engine, ref):
     got = []
     with engine.stream() as stream:
         for f in stream:
-            time.sleep(0.08)  # slower than the producer: it must wait, not drop
+            time.sleep(0.25)  # ~3x a frame's production time, also on a loaded machine: the producer must wait
             got.append(f)
         stats = stream.stats
     assert [f.index for f in got] == list(range(13))
