@@ -100,8 +100,7 @@ def bench_lbs(dev, use_triton, repeat, sync):
                                              impl="triton", graph=False), cost_b)]
                 # prepared calls (lbs_plan): validation and capture done here, per call a check of the three
                 # inputs, one batched copy in, one replay, one clone out (FlameModel.forward's path on CUDA)
-                # (made on first use, after the established rows: not yet run on a GPU, so a failure is reported
-                # and skipped rather than losing the other rows)
+                # (made on first use, after the other rows)
                 model = (m.v_template, dirs, m.posedirs, m.j_regressor, m.parents, m.weights)
                 cases += [("triton-graph-plan", _lazy_plan(model, frames, None, coeffs, pose, trans), cost_b),
                           ("triton+normals-graph-plan", _lazy_plan(model, frames, m.faces, coeffs, pose, trans),
@@ -251,7 +250,7 @@ def bench_rasterize(dev, repeat, sync, sweep=False):
              ("rasterize+normal_map", "triton-2calls", tri_nm("triton"), repeat),
              ("rasterize+normal_map", "triton-nograph", fused("triton", False), repeat),
              ("rasterize+normal_map", "torch-ref", tri_nm("ref"), 5),
-             # last: not yet run on a GPU (a failure skips these rows only)
+             # the sort bin (the default before the counting bin won on an H200)
              ("rasterize", "triton-sortbin", sortbin(tri("triton")), repeat),
              ("rasterize", "triton-sortbin-nograph", sortbin(tri("triton", False)), repeat),
              ("rasterize+normal_map", "triton-sortbin", sortbin(fused("triton")), repeat)]
@@ -263,7 +262,7 @@ def bench_rasterize(dev, repeat, sync, sweep=False):
             rows.append(row(name, backend, "latency", "ms", [x * 1e3 for x in s], cfg))
             rows.append(row(name, backend, "throughput", "Mtri/s", [n * nf / x / 1e6 for x in s], cfg))
         if sweep:
-            try:  # printed only; it also runs the counting bin (not yet run on a GPU): never lose the rows
+            try:  # printed only: never lose the rows
                 _raster_sweep(pix, faces, normals, size, sync)
             except Exception as e:  # noqa: BLE001
                 print(f"warning: --raster-sweep failed: {type(e).__name__}: {e}", file=sys.stderr)

@@ -29,15 +29,8 @@ TREES = {"root": [-1], "pair": [-1, 0], "flame": FLAME, "branch": [-1, 0, 0, 2]}
 
 
 @pytest.fixture(autouse=True)
-def _nan_empty(request, one_torch_thread):
-    """torch.empty returns NaN while a test runs (unwritten outputs fail); one torch thread."""
-    if request.node.get_closest_marker("gpu"):
-        yield
-        return
-    old = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+def _nan_empty(nan_empty):
+    """Unwritten outputs read NaN (tests/conftest.py: nan_empty)."""
 
 
 @pytest.fixture

@@ -28,16 +28,8 @@ MODEL_KEYS = ("v_template", "dirs", "posedirs", "j_regressor", "parents", "weigh
 
 
 @pytest.fixture(autouse=True)
-def _nan_empty(request, one_torch_thread):
-    """torch.empty returns NaN (int max) while a test runs, so unwritten outputs fail; one torch thread.
-    Not in the gpu tests: they poison the graph's static outputs and keep the captured work as shipped."""
-    if request.node.get_closest_marker("gpu"):
-        yield
-        return
-    old = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+def _nan_empty(nan_empty):
+    """Unwritten outputs read NaN (tests/conftest.py: nan_empty)."""
 
 
 @pytest.fixture
