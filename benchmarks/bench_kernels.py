@@ -1,6 +1,6 @@
 """Fused kernels vs their PyTorch references: LBS (+ normals), axis attention, rasterizer.
 
-    python benchmarks/bench_kernels.py [--quick] [--full] [--raster-sweep]
+    python benchmarks/bench_kernels.py [--quick] [--full] [--raster-sweep] [--lbs-sweep]
 
 Times, on whatever device is present, the reference of each op (``lbs_ref``; permute + SDPA +
 permute) and, when CUDA and triton exist, the Triton path, at the shapes the engine runs:
@@ -10,11 +10,14 @@ permute) and, when CUDA and triton exist, the Triton path, at the shapes the eng
   step and the kernel; on CUDA replayed as one CUDA graph), with and without vertex normals, and
   on GPU also without the graph (``graph=False``: the same launches one by one) and as a prepared
   call (``lbs_plan``, ``triton-graph-plan``: the per-call host work cut to a few input checks, one
-  batched copy, the replay and one clone).
+  batched copy, the replay and one clone). ``--lbs-sweep`` (CUDA) adds rows of the prepared call at
+  1 and 64 frames for each vertex-kernel launch of ``LBS_SWEEP`` (``triton-graph-plan-sweep``).
 * Axis attention on (B=1, V=4, F=8, N, C=320) with 8 heads (D=40), q/k/v sliced from one fused
   qkv tensor, along views and along frames, N = 32*32 (and 64*64 on GPU or with ``--full``); on CPU
   also the tiny UNet's axis levels ((1, 4, 8, 16*16, 64), 2 heads; (1, 4, 8, 8*8, 128), 4 heads), in
-  float32 and bfloat16, permute + SDPA vs the CPU path (``impl="bmm"``, what ``auto`` runs on CPU).
+  float32 and bfloat16, permute + SDPA vs the CPU path (``impl="bmm"``, what ``auto`` runs on CPU);
+  on CUDA the Triton kernel as the engine runs it (compiled per axis length and head dim) and
+  ``triton-generic`` (both as run-time values, ``axis_attention.SPECIALIZE = False``).
 
 * GroupNorm + SiLU (CUDA only) of the sd15 UNet's ResnetBlocks: (32, 320, 64, 64) and
   (32, 1280, 16, 16) bfloat16, 32 groups, ``F.group_norm`` + ``F.silu`` (``torch-ref``) vs the fused
@@ -50,6 +53,7 @@ from harness import device_name, row, timeit, write  # noqa: E402
 
 from mvportrait.flame.synthetic import synthetic_head  # noqa: E402
 from mvportrait.kernels import lbs as lbs_k  # noqa: E402
+from mvportrait.kernels import axis_attention as aa  # noqa: E402
 from mvportrait.kernels.axis_attention import axis_attention, axis_attention_cost, axis_attention_ref  # noqa: E402
 from mvportrait.kernels.group_norm import group_norm, group_norm_cost, group_norm_ref  # noqa: E402
 
@@ -113,6 +117,45 @@ def bench_lbs(dev, use_triton, repeat, sync):
     return rows
 
 
+LBS_SWEEP = ((32, 64, 8), (32, 32, 4), (32, 16, 4), (16, 16, 4), (16, 32, 4), (16, 64, 8), (64, 16, 4),
+             (64, 32, 8))  # (BLOCK_V, BLOCK_N, num_warps) of the vertex kernel
+
+
+def bench_lbs_sweep(dev, repeat, sync):
+    """The prepared LBS call (fp32, 1 and 64 frames) with each vertex-kernel launch of LBS_SWEEP: a new
+    plan per launch (the graph keeps the launch it captured); rows ``triton-graph-plan-sweep`` with the
+    launch in their config, the built-in choice marked ``default``."""
+    head = synthetic_head(0, flame_size=True)
+    m = head.model.to(device=dev, dtype=torch.float32)
+    dirs = m.blend_dirs(300, 100)
+    model = (m.v_template, dirs, m.posedirs, m.j_regressor, m.parents, m.weights)
+    rows = []
+    for frames in (1, 64):
+        g = torch.Generator().manual_seed(frames)
+        coeffs = torch.randn(frames, 400, generator=g).to(dev)
+        pose = (torch.randn(frames, 15, generator=g) * 0.3).to(dev)
+        trans = (torch.randn(frames, 3, generator=g) * 0.05).to(dev)
+        default = lbs_k._vertex_config(frames)
+        cost = lbs_k.lbs_cost(frames, m.n_vertices, 400, 5, torch.float32, joint_basis=True)
+        for launch in LBS_SWEEP:
+            lbs_k.VERTEX_CONFIG = launch
+            try:
+                with torch.inference_mode():
+                    s = _timed(f"lbs sweep {launch}", _lazy_plan(model, frames, None, coeffs, pose, trans), repeat,
+                               sync)
+            finally:
+                lbs_k.VERTEX_CONFIG = None
+            if s is None:
+                continue
+            cfg = {"vertices": m.n_vertices, "frames": frames, "components": 400, "dtype": "float32",
+                   "block_v": launch[0], "block_n": launch[1], "num_warps": launch[2],
+                   "default": launch == default}
+            rows += _rows("lbs", "triton-graph-plan-sweep", s, cfg, cost["bytes"])
+            print(f"lbs sweep frames={frames} block_v,block_n,warps={launch}: p50 {sorted(s)[len(s) // 2] * 1e3:.4f} ms"
+                  + (" (default)" if launch == default else ""))
+    return rows
+
+
 FAILED: list[str] = []  # rows whose call raised (reported, skipped; the script then exits with status 1)
 
 
@@ -159,6 +202,7 @@ def bench_axis_attention(dev, use_triton, repeat, sync, sizes):
                 cases = [("torch-permute-sdpa", lambda: axis_attention_ref(q, k, v, heads, axis))]
                 if use_triton:
                     cases.append(("triton", lambda: axis_attention(q, k, v, heads, axis, impl="triton")))
+                    cases.append(("triton-generic", lambda: _generic_attention(q, k, v, heads, axis)))
                 if cpu:
                     cases.append(("torch-bmm (cpu path)", lambda: axis_attention(q, k, v, heads, axis, impl="bmm")))
                 with torch.inference_mode():
@@ -167,6 +211,15 @@ def bench_axis_attention(dev, use_triton, repeat, sync, sizes):
                         if s is not None:
                             rows += _rows("axis_attention", backend, s, cfg, cost["bytes"], cost["flops"])
     return rows
+
+
+def _generic_attention(q, k, v, heads, axis):
+    """The Triton kernel compiled with the axis length and head dim as run-time values (SPECIALIZE off)."""
+    aa.SPECIALIZE = False
+    try:
+        return axis_attention(q, k, v, heads, axis, impl="triton")
+    finally:
+        aa.SPECIALIZE = True
 
 
 def bench_group_norm(repeat, sync):
@@ -326,6 +379,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--full", action="store_true", help="also N = 64*64 for attention on CPU")
     ap.add_argument("--raster-sweep", action="store_true", help="print the Triton rasterizer over its tuning knobs")
+    ap.add_argument("--lbs-sweep", action="store_true",
+                    help="(CUDA) also time the prepared LBS call with each vertex-kernel launch of LBS_SWEEP (rows)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -334,6 +389,8 @@ def main():
     repeat = (20 if cuda else 3) if args.quick else (100 if cuda else 10)
     torch.manual_seed(0)
     rows = bench_lbs(dev, use_triton, repeat, sync)
+    if args.lbs_sweep and use_triton:
+        rows += bench_lbs_sweep(dev, repeat, sync)
     sizes = (32, 64) if (cuda or args.full) else (32,)
     rows += bench_axis_attention(dev, use_triton, max(3, repeat // 4) if not cuda else repeat, sync, sizes)
     rows += bench_rasterize(dev, repeat, sync, sweep=args.raster_sweep)

@@ -18,7 +18,7 @@
 #
 #   bash benchmarks/gpu_suite.sh [--quick] [--train] [--no-tests] [--no-bench]
 # Environment: PYTHON (default python3), GPU_SUITE_BUDGET_S (default 555), RASTER_SWEEP=0 (no rasterizer
-# sweep), E2E_ONLY=engine (end to end: the engine alone, rows in e2e*_engine_gpu.json), E2E_COMPILE=1 (also
+# sweep), LBS_SWEEP=0 (no LBS vertex-kernel launch sweep), E2E_ONLY=engine (end to end: the engine alone, rows in e2e*_engine_gpu.json), E2E_COMPILE=1 (also
 # sd15 + tiny decoder on the compile backend, e2e_sd15_compile_gpu.json), E2E_STEPS (which end-to-end runs: a comma
 # list of sd15, tiny, tinydecoder, cl, compile; default sd15,tiny,tinydecoder), MVP_TEXT_MODEL (a MiniLM
 # folder for the end-to-end stage 1; default .gpucarry/minilm, else the hashing encoder: the same
@@ -143,7 +143,8 @@ join
 # ---- phase 2: benchmarks on an otherwise idle GPU
 if [ "$BENCH" = 1 ]; then
     SWEEP=--raster-sweep; [ "${RASTER_SWEEP:-1}" = 0 ] && SWEEP=""
-    step bench_kernels 110 $PY benchmarks/bench_kernels.py $SWEEP $QUICK
+    [ "${LBS_SWEEP:-1}" = 1 ] && SWEEP="$SWEEP --lbs-sweep"
+    step bench_kernels 150 $PY benchmarks/bench_kernels.py $SWEEP $QUICK
     # end to end, naive vs engine in the same run (each pipeline in its own process): the shipped tiny
     # models (students when shipped), then sd15 with random weights at 4 views x 512x512 (the engine at
     # 1 consistency step: what a 1-step student costs; the naive pipeline at 25 DDIM steps x 2 calls).
@@ -183,7 +184,7 @@ if [ "$BENCH" = 1 ]; then
         --out benchmarks/results/e2e_sd15_tinydecoder_gpu.json
     has cl && e2e e2e_sd15_cl 90 $FAST --channels-last on --only engine \
         --out benchmarks/results/e2e_sd15_cl_gpu.json
-    has compile && e2e e2e_sd15_compile 200 $FAST --backend compile --only engine \
+    has compile && e2e e2e_sd15_compile 230 $FAST --backend compile --only engine \
         --out benchmarks/results/e2e_sd15_compile_gpu.json
 fi
 

@@ -22,14 +22,21 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     cpu = platform.processor() or platform.machine()
+    isa = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                # the widest vector ISA: one "model name" (e.g. "AMD EPYC") covers hosts with and without
+                # AVX-512 / bfloat16 kernels, 2-4x apart on the engine's CPU rows
+                flags = set(line.split(":", 1)[1].split())
+                isa = ("AVX-512 + AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags
+                       else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "")
                 break
     except OSError:
         pass
-    return f"CPU: {cpu}, {torch.get_num_threads()} threads"
+    return f"CPU: {cpu}{f' ({isa})' if isa else ''}, {torch.get_num_threads()} threads"
 
 
 def versions() -> dict:

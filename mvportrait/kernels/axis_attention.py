@@ -32,7 +32,9 @@ UNet's shapes and sd15's, ``benchmarks/bench_kernels.py``, ``kernels_cpu.json``)
 inside; with float32 inputs SDPA is as fast or faster. ``"auto"`` runs Triton on CUDA tensors when
 triton is installed, the bmm path on half-precision CPU tensors, the reference elsewhere; ``"triton"`` on CPU tensors needs
 the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported), else a
-RuntimeError. Limits of the kernel: L <= 32, D <= 256.
+RuntimeError. Limits of the kernel: L <= 32, D <= 256. The kernel is compiled per (L, D) pair
+(``SPECIALIZE``; the UNet has a handful): with both known at compile time the channel masks' constancy
+is known, so the loads vectorise, and the query / key loops have fixed trip counts.
 
 Cost, with ``E = B V F N C`` elements per tensor and ``s`` bytes per element: bytes moved
 ``4 E s`` (q, k, v read once, o written once); FLOPs ``4 E L`` (``2 L D`` for the scores and
@@ -60,6 +62,9 @@ __all__ = ["axis_attention_ref", "axis_attention_bmm", "axis_attention", "axis_a
 
 AXES = {"view": 1, "frame": 2}  # axis name -> dimension of the (B, V, F, N, C) layout
 MAX_AXIS_LEN = 32
+# Compile the kernel per (axis length, head dim) (True) or take both at run time (False: one compile per
+# block shape). Benchmarks flip it to time both (benchmarks/bench_kernels.py, ``triton-generic`` rows).
+SPECIALIZE = True
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _IMPLS = ("auto", "triton", "bmm", "ref")
@@ -118,11 +123,17 @@ def _axis_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, R, HEADS, O, NPOS, L, D, 
                            sk_b, sk_o, sk_n, sk_l, sk_c,
                            sv_b, sv_o, sv_n, sv_l, sv_c,
                            so_b, so_o, so_n, so_l, so_c,
-                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, L_C: tl.constexpr, D_C: tl.constexpr):
     # Rows r = ((b * O + o) * NPOS + n) * HEADS + h: one (position, head) pair each, heads fastest, so
     # a block of rows reads whole channel rows of its positions. l runs along the attended axis;
     # head h owns channels h*D .. h*D + D - 1. qk_scale = scale * log2(e). Every tile is (BLOCK_R,
     # BLOCK_D) in one layout: the per-row scores are reductions over D and broadcast back for free.
+    # L_C / D_C > 0: the axis length / head dim as compile-time constants (SPECIALIZE: one compile per
+    # pair; the masks' constancy is then known, so the loads vectorise, and the loops have fixed trips)
+    if L_C > 0:
+        L = L_C
+    if D_C > 0:
+        D = D_C
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # int32: R < 2**31 (checked)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_r < R)[:, None] & (offs_d < D)[None, :]
@@ -233,5 +244,6 @@ def axis_attention(q, k, v, heads: int, axis: str, *, scale: float | None = None
         strides += [st[0], st[other], st[3], st[dim], st[4]]
     grid = (-(-rows // block_r),)
     kernel[grid](q, k, v, out, rows, heads, no, n, length, d, qk_scale, *strides,
-                 BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+                 BLOCK_R=block_r, BLOCK_D=block_d, L_C=length if SPECIALIZE else 0, D_C=d if SPECIALIZE else 0,
+                 num_warps=4)
     return out

@@ -658,15 +658,30 @@ def _lbs_triton(coeffs, pose, v_template, dirs, posedirs, parents_t, weights, tr
     if out is None:
         out = torch.empty(n, nv, 3, dtype=v_template.dtype, device=v_template.device)
     if n and nv:
-        block_v, block_k = 32, 32
-        block_n = min(64, max(16, _next_pow2(n)))  # tl.dot needs every block dimension >= 16
+        block_v, block_n, warps = _vertex_config(n)
+        block_k = 32
         grid = (_cdiv(nv, block_v), _cdiv(n, block_n))
         trans = translation.contiguous() if translation is not None else feat  # dummy pointer when absent
         kernel[grid](coeffs.contiguous(), feat, v_template.contiguous(), dirs.contiguous(), posedirs.contiguous(),
                      weights.contiguous(), a, trans, out, n, nv, k, p, nj,
                      HAS_TRANS=translation is not None, BLOCK_V=block_v, BLOCK_N=block_n, BLOCK_K=block_k,
-                     num_warps=8 if block_n >= 64 else 4)  # 32x64 fp32 tiles at 4 warps: 255 regs + spills (sm_90)
+                     num_warps=warps)
     return out, posed_joints
+
+
+# (BLOCK_V, BLOCK_N, num_warps) of the vertex kernel; None: the built-in choice of _vertex_config. A
+# benchmark sweep (benchmarks/bench_kernels.py --lbs-sweep) sets a tuple here; graph captures and plans
+# made while it is set keep the launch they captured.
+VERTEX_CONFIG = None
+
+
+def _vertex_config(n: int) -> tuple[int, int, int]:
+    """The vertex kernel's launch for ``n`` frames: tl.dot needs every block dimension >= 16; 32x64 fp32
+    tiles at 4 warps spill on sm_90 (255 registers), so 64-frame blocks take 8 warps."""
+    if VERTEX_CONFIG is not None:
+        return VERTEX_CONFIG
+    block_n = min(64, max(16, _next_pow2(n)))
+    return 32, block_n, 8 if block_n >= 64 else 4
 
 
 def _packed_lbs(n, v_template, dirs, posedirs, parents_t, weights, joint_basis, normals=None):

@@ -61,6 +61,20 @@ def test_triton_matches_reference_fp32(axis, length, d):
 
 
 @needs_triton
+@pytest.mark.parametrize("axis,length,d", [("view", 4, 40), ("frame", 3, 32)])
+def test_triton_generic_compile_matches_reference(monkeypatch, axis, length, d):
+    """The kernel with the axis length and head dim as run-time values (SPECIALIZE off: what the
+    benchmark's ``triton-generic`` rows time) gives the same attention."""
+    from mvportrait.kernels import axis_attention as aa
+
+    monkeypatch.setattr(aa, "SPECIALIZE", False)
+    q, k, v = _qkv(_shape(axis, length, d=d), 2, "fused_qkv")
+    out = torch.full(q.shape, float("nan"), device=DEV)
+    got = axis_attention(q, k, v, 2, axis, out=out, impl="triton")
+    torch.testing.assert_close(got, axis_attention_ref(q, k, v, 2, axis), **TOL[torch.float32])
+
+
+@needs_triton
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("axis", ["view", "frame"])
 def test_every_layout_and_batch(axis, layout):

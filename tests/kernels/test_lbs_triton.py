@@ -81,6 +81,28 @@ def test_lbs_triton_matches_reference_fp32(nv, k, n):
     torch.testing.assert_close(joints, ref_j, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("launch", [(16, 16, 4), (64, 32, 8), (32, 16, 4)])
+def test_lbs_triton_vertex_launches_match_reference(monkeypatch, launch):
+    """Every launch the benchmark sweep tries (BLOCK_V, BLOCK_N, warps) gives the reference's result,
+    with frame and vertex counts that leave partial blocks in both grid dimensions."""
+    monkeypatch.setattr(K, "VERTEX_CONFIG", launch)
+    m = _model(37, 9)
+    args = _args(m, 19)
+    out = torch.full((19, 37, 3), float("nan"), device=DEV)
+    verts, joints = K.lbs(*args, out=out, impl="triton", graph=False)
+    ref_v, ref_j = K.lbs_ref(*args)
+    torch.testing.assert_close(verts, ref_v, **TOL[torch.float32])
+    torch.testing.assert_close(joints, ref_j, **TOL[torch.float32])
+
+
+def test_vertex_config_default_and_override(monkeypatch):
+    assert K._vertex_config(1) == (32, 16, 4)
+    assert K._vertex_config(64) == (32, 64, 8)
+    assert K._vertex_config(1000) == (32, 64, 8)
+    monkeypatch.setattr(K, "VERTEX_CONFIG", (16, 32, 4))
+    assert K._vertex_config(1) == (16, 32, 4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("nv,k,n", [(37, 7, 5), (130, 50, 1), (1, 1, 5)])
 def test_lbs_triton_half_precision_against_fp32_reference(nv, k, n, dtype):
