@@ -323,6 +323,7 @@ def _stream(engine, m, args, seconds, **kw):
     engine.prepare(m["reference"], args.prompt, views=f"ring-{args.views}", seconds=seconds, steps=m["steps"],
                    guidance=m["guidance"], stage1_steps=m["stage1_steps"], stage1_guidance=m["stage1_guidance"],
                    seed=args.seed, realtime=False, first_window=getattr(args, "first_window", None),
+                   prefetch={"auto": None, "on": True, "off": False}[getattr(args, "prefetch", "auto")],
                    queue_size=args.frames + 64, **kw)
 
 
@@ -363,20 +364,27 @@ def run_engine(args, m: dict) -> dict:
                first_parts=first_parts,
                stages=stages, steps=m["steps"], stage1_steps=m["stage1_steps"], guidance=m["guidance"],
                stream_batch=engine.settings.stream_batch, mean_batch=stats.mean_batch,
+               prefetch=engine.settings.prefetch,
                frame_timings={k: mean(k) for k in ("stage1_s", "render_s", "denoise_s", "decode_s", "latency_s")})
     out["first_synced"] = first_frame_synced(engine, m, args)
     if _profile_path(args) is not None:
         out["profile"] = _profile(m["dev"], lambda: _run_sync(engine, m, args))
+        first_call = {}
+        first_frame_synced(engine, m, args, profile_first_call=first_call)
+        out["profile_first_call"] = first_call.get("table", "(not profiled)")
     return out
 
 
 @torch.inference_mode()
-def first_frame_synced(engine, m, args) -> dict:
+def first_frame_synced(engine, m, args, profile_first_call: dict | None = None) -> dict:
     """The first frame's path run in this thread (stage 1 inline, no look-ahead thread), the device
     synchronised after each part, in seconds: prepare; window 0's admission (stage 1, render, FLAME
     encoder, noise); its model calls, split into the host's launch time and the wait for the device
     after it; the sampler updates; the first frame's decode to host uint8. Against the threaded
-    stream's first frame this separates device work from host / thread overheads."""
+    stream's first frame this separates device work from host / thread overheads. ``model_again_s``: the
+    first model call repeated at once on the same inputs (synchronised; its result is dropped), so a
+    cost of a stream's first call shows as the difference. ``profile_first_call``: a dict that receives
+    a torch.profiler table (host and device) of window 0's first model call under ``"table"``."""
     from mvportrait.engine import stream_batch as sb
 
     dev = m["dev"]
@@ -395,12 +403,23 @@ def first_frame_synced(engine, m, args) -> dict:
             plan = sb._schedule(st)
             _sync(dev)
             parts["admit_s"] += time.perf_counter() - t  # the first call admits window 0; later ones ~0
+            first_call = "model_again_s" not in parts
             t = time.perf_counter()
-            sb._execute(st, plan)
+            if first_call and profile_first_call is not None:
+                profile_first_call["table"] = _profile(dev, lambda: sb._execute(st, plan), rows=25, by="cpu")
+            else:
+                sb._execute(st, plan)
             parts["model_launch_s"] += time.perf_counter() - t
             t = time.perf_counter()
             _sync(dev)
             parts["model_wait_s"] += time.perf_counter() - t
+            if first_call:
+                out = plan.out
+                t = time.perf_counter()
+                sb._execute(st, plan)
+                _sync(dev)
+                parts["model_again_s"] = time.perf_counter() - t
+                plan.out = out
             t = time.perf_counter()
             sb._update(st, plan)
             _sync(dev)
@@ -495,7 +514,9 @@ def engine_stage_costs(engine, m: dict, args) -> dict:
     return out
 
 
-def _profile(dev, fn, rows: int = 15) -> str:
+def _profile(dev, fn, rows: int = 15, by: str = "device") -> str:
+    """torch.profiler table of ``fn`` (host + device activity), sorted by self device time on a GPU
+    (``by="cpu"``: by self host time)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -504,7 +525,7 @@ def _profile(dev, fn, rows: int = 15) -> str:
         _sync(dev)
     avgs = prof.key_averages()
     key = "self_cpu_time_total"
-    if dev.type == "cuda":
+    if dev.type == "cuda" and by != "cpu":
         key = "self_device_time_total" if avgs and hasattr(avgs[0], "self_device_time_total") \
             else "self_cuda_time_total"
     return avgs.table(sort_by=key, row_limit=rows)
@@ -587,6 +608,7 @@ def make_rows(args, dev, res: dict) -> list[dict]:
         if which == "engine":
             cfg.update(engine_model=r["engine_model"], stage1_model=r["stage1"], stream_batch=r["stream_batch"],
                        first_window=getattr(args, "first_window", None) or r["window"],
+                       prefetch=r.get("prefetch"),
                        mean_batch=round(r["mean_batch"], 2))
         else:
             cfg.update(stage1_model="teacher (DDIM, guidance as two calls)")
@@ -671,6 +693,9 @@ def run(args) -> int:
             what = ("engine: a short stream run synchronously (stage 1 inline), steady state included"
                     if w == "engine" else "naive: one window at 2 DDIM steps (the per-step op mix of 25)")
             text += ["", f"## {what}", res[w].get("profile", "(not profiled)")]
+            if w == "engine":
+                text += ["", "## engine: window 0's first model call of a new stream (one thread, sorted by "
+                         "self host time)", res[w].get("profile_first_call", "(not profiled)")]
         prof.parent.mkdir(parents=True, exist_ok=True)
         prof.write_text("\n".join(text) + "\n")
     print(_summary(res, dev))

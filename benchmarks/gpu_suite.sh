@@ -18,7 +18,8 @@
 #
 #   bash benchmarks/gpu_suite.sh [--quick] [--train] [--no-tests] [--no-bench]
 # Environment: PYTHON (default python3), GPU_SUITE_BUDGET_S (default 555), RASTER_SWEEP=0 (no rasterizer
-# sweep), LBS_SWEEP=0 (no LBS vertex-kernel launch sweep), E2E_ONLY=engine (end to end: the engine alone, rows in e2e*_engine_gpu.json), E2E_COMPILE=1 (also
+# sweep), LBS_SWEEP=0 (no LBS vertex-kernel launch sweep), KERNEL_BENCH=0 (no kernel benchmarks),
+# KERNEL_TESTS (the kernel test paths, default tests/kernels), E2E_ONLY=engine (end to end: the engine alone, rows in e2e*_engine_gpu.json), E2E_COMPILE=1 (also
 # sd15 + tiny decoder on the compile backend, e2e_sd15_compile_gpu.json), E2E_STEPS (which end-to-end runs: a comma
 # list of sd15, tiny, tinydecoder, cl, compile; default sd15,tiny,tinydecoder), MVP_TEXT_MODEL (a MiniLM
 # folder for the end-to-end stage 1; default .gpucarry/minilm, else the hashing encoder: the same
@@ -135,7 +136,8 @@ if [ "$TESTS" = 1 ]; then
     # the other `gpu` tests in the background, beside every kernel test (compiled on the GPU, full-size
     # `gpu` cases included); correctness only, so sharing the GPU is fine
     OMP_NUM_THREADS=2 bg pytest_gpu 90 $PY -m pytest tests -m gpu --ignore=tests/kernels -q -rs -p no:cacheprovider
-    OMP_NUM_THREADS=2 step pytest_kernels 240 $PY -m pytest tests/kernels -q -rs -p no:cacheprovider $XDIST
+    OMP_NUM_THREADS=2 step pytest_kernels 240 $PY -m pytest ${KERNEL_TESTS:-tests/kernels} -q -rs -p no:cacheprovider \
+        $XDIST
 fi
 join
 [ "$TRAIN" = 1 ] && train_finish
@@ -144,7 +146,7 @@ join
 if [ "$BENCH" = 1 ]; then
     SWEEP=--raster-sweep; [ "${RASTER_SWEEP:-1}" = 0 ] && SWEEP=""
     [ "${LBS_SWEEP:-1}" = 1 ] && SWEEP="$SWEEP --lbs-sweep"
-    step bench_kernels 150 $PY benchmarks/bench_kernels.py $SWEEP $QUICK
+    [ "${KERNEL_BENCH:-1}" = 1 ] && step bench_kernels 150 $PY benchmarks/bench_kernels.py $SWEEP $QUICK
     # end to end, naive vs engine in the same run (each pipeline in its own process): the shipped tiny
     # models (students when shipped), then sd15 with random weights at 4 views x 512x512 (the engine at
     # 1 consistency step: what a 1-step student costs; the naive pipeline at 25 DDIM steps x 2 calls).

@@ -95,7 +95,8 @@ def cmd_stream(args) -> int:
                    shape=shape if flame is None else None, views=args.views, fps=args.fps, seconds=args.seconds,
                    steps=args.steps, guidance=args.guidance, seed=args.seed, queue_size=args.queue,
                    policy=args.policy, realtime=not args.no_realtime, stream_batch=args.stream_batch,
-                   stage1_steps=args.stage1_steps, first_window=args.first_window)
+                   stage1_steps=args.stage1_steps, first_window=args.first_window,
+                   prefetch={"auto": None, "on": True, "off": False}[args.prefetch])
     fps = engine.settings.fps
     t_ready = time.perf_counter()
     print(f"prepared in {t_ready - t_start:.1f} s: {engine.state.views} views, {fps:g} fps, "
@@ -170,6 +171,9 @@ def register(sub) -> None:
     s.add_argument("--first-window", type=int,
                    help="frames of the first stage-2 window, overlap+1 .. the model's window (default: the window); "
                         "fewer frames: a cheaper first model call, the first frame sooner")
+    s.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
+                   help="admit the next window (stage 1, render, noise) while the model call runs, the call on its "
+                        "own CUDA stream (auto: on CUDA except the compile backend; same frames either way)")
     s.add_argument("--stage1-steps", type=int, help="stage-1 steps (default: the students', else 10 DDIM steps)")
     s.add_argument("--student", action="store_true",
                    help="the distilled students (mvportrait/weights/stage2_student, stage1/*_student): "

@@ -133,9 +133,41 @@ class TorchRunner:
             return _as_tuple(self.module(*tensors))
 
 
+# Inductor's CUDA graphs (cudagraph trees) keep their tree managers in thread-locals that torch 2.11 sets
+# up only in the thread that imported the module: a call from another Python thread (a stream's worker)
+# fails with ``assert torch._C._is_key_in_tls(...)`` (pytorch#123177; later versions give each thread its
+# own managers, so graphs would be recorded again per stream thread). Every thread that calls a compiled
+# network gets the state of the thread that made the first CompileRunner instead, and the calls are
+# serialised: one set of graphs per process, replayed from whichever thread streams.
+_CUDAGRAPH_TLS_NAMES = ("tree_manager_containers", "tree_manager_locks")
+_CUDAGRAPH_TLS: dict = {}
+_COMPILED_CALLS = threading.RLock()
+
+
+def _remember_cudagraph_tls() -> None:
+    """Record this thread's cudagraph-trees state (importing the module here sets it up)."""
+    if _CUDAGRAPH_TLS:
+        return
+    from torch._inductor import cudagraph_trees as cgt
+
+    local = getattr(cgt, "local", None)
+    if local is not None and all(hasattr(local, n) for n in _CUDAGRAPH_TLS_NAMES):
+        _CUDAGRAPH_TLS.update({n: getattr(local, n) for n in _CUDAGRAPH_TLS_NAMES}, module=cgt)
+
+
+def _share_cudagraph_tls() -> None:
+    """Give the calling thread the recorded cudagraph-trees state where it has none of its own."""
+    if not _CUDAGRAPH_TLS:
+        return
+    local = _CUDAGRAPH_TLS["module"].local
+    for n in _CUDAGRAPH_TLS_NAMES:
+        if not hasattr(local, n):
+            setattr(local, n, _CUDAGRAPH_TLS[n])
+
+
 class CompileRunner(TorchRunner):
     """``torch.compile`` of the flat module: static shapes (a new shape recompiles once); on CUDA
-    ``mode="reduce-overhead"`` captures CUDA graphs."""
+    ``mode="reduce-overhead"`` captures CUDA graphs (callable from any thread: see _share_cudagraph_tls)."""
 
     name = "compile"
 
@@ -144,6 +176,8 @@ class CompileRunner(TorchRunner):
         dev = torch.device(device) if device is not None else torch.device("cpu")
         mode = mode or ("reduce-overhead" if dev.type == "cuda" else None)
         self.graphs = mode in ("reduce-overhead", "max-autotune")  # inductor's CUDA graphs (cudagraph trees)
+        if self.graphs:
+            _remember_cudagraph_tls()
         self.module = torch.compile(self.module, dynamic=False, mode=mode)
 
     def __call__(self, *tensors):
@@ -152,7 +186,8 @@ class CompileRunner(TorchRunner):
         # CUDA graphs: outputs live in the graph's memory pool and the next replay of any compiled network
         # overwrites them (the pipeline keeps some: the reference latents, an x0 estimate), so each call
         # starts a new step and hands out copies (~the output size; small beside a UNet call)
-        with torch.inference_mode():
+        with _COMPILED_CALLS, torch.inference_mode():
+            _share_cudagraph_tls()
             torch.compiler.cudagraph_mark_step_begin()
             return tuple(t.clone() for t in _as_tuple(self.module(*tensors)))
 

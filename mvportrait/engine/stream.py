@@ -66,7 +66,8 @@ window enters: a new prompt / emotion switches the stage-1 text after the frames
 new views change the
 cameras of the next windows (the view count is fixed per stream: the stream-batch buffers are
 sized by it). Windows already in flight finish with what they started with, so the change shows
-after at most ``B`` windows, and every frame says which update ``revision`` it was made with.
+after at most ``B`` windows (``B + 1`` with ``prefetch``, where the next window is admitted during the
+current model call), and every frame says which update ``revision`` it was made with.
 
 **Output** goes through a bounded :class:`~.stream_queue.FrameQueue` (``lossless`` / ``latest``,
 pacing to ``fps`` with presentation timestamps, lateness report). Closing the stream (``close()``,
@@ -77,6 +78,13 @@ Hot loop: no ``.item()`` / ``.cpu()`` / printing between model calls; timestep t
 per step pattern. A finished window is decoded one frame (all views) at a time and each frame is
 queued as soon as it is decoded, so the first frame does not wait for the rest of its window; its
 device-to-host copy is the only one (skipped with ``output="torch"``). Timings are host-side (on a GPU they measure launches, not kernels).
+
+**Prefetch** (``prepare(prefetch=...)``, default on CUDA): the worker admits the next window (stage 1,
+render with the rasteriser's one host read, FLAME encoder, noise copies) right after launching a model
+call, which then runs on its own CUDA stream; the sampler update waits for it on the device. The
+admission's host time and synchronisations overlap the call instead of idling the device between calls.
+A window's buffers are written when it joins the batch, not when admitted, so nothing races the running
+call; the noise order, and therefore the frames, do not change (tested).
 """
 from __future__ import annotations
 
@@ -263,7 +271,7 @@ class StreamingEngine:
                 realtime: bool = True, stream_batch: int | None = None, stage1_steps: int | None = None,
                 stage1_guidance: float | None = None, output: str = "numpy",
                 lookahead: bool = True, fast_start: bool = True,
-                first_window: int | None = None) -> "StreamingEngine":
+                first_window: int | None = None, prefetch: bool | None = None) -> "StreamingEngine":
         """All per-stream setup, once: reference K/V cache, text encoding, stage-1 look-ahead, cameras,
         schedules and the stream-batch buffers. Then :meth:`stream`.
 
@@ -284,6 +292,10 @@ class StreamingEngine:
         denoising cost scales with the frames); later windows keep ``W`` frames and start ``W -
         first_window`` frames earlier. Needs ``fast_start`` (window 0 is then alone in its calls). With
         the default the stream equals the offline :meth:`FLAME2Video.generate_from_maps` (see above).
+        ``prefetch``: admit the next window (stage 1, render, FLAME encoder, noise) while the device runs
+        the current model call, which then runs on its own CUDA stream (default: on CUDA, except with the
+        ``compile`` backend, whose CUDA graphs have not been tried on a second stream; on a CPU there is
+        nothing to overlap). The frames are the same either way; an update then shows one window later.
         """
         from mvportrait.drivers.text import split_prompt
 
@@ -306,6 +318,10 @@ class StreamingEngine:
             if first_window < pipe.window and not fast_start:
                 raise ValueError(f"first_window={first_window} (shorter than the {pipe.window}-frame window) needs "
                                  f"fast_start=True: window 0 must run its steps alone")
+        if prefetch is None:
+            prefetch = pipe.device.type == "cuda" and getattr(pipe, "backend", "torch") != "compile"
+        elif not isinstance(prefetch, bool):
+            raise ValueError(f"prefetch must be True, False or None (auto), got {prefetch!r}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if output not in OUTPUTS:
@@ -341,7 +357,7 @@ class StreamingEngine:
         self.settings = StreamSettings(fps=fps, steps=steps, guidance=guidance, seed=seed, queue_size=queue_size,
                                        policy=policy, realtime=bool(realtime), stream_batch=stream_batch,
                                        output=output, frames=frames, fast_start=bool(fast_start),
-                                       first_window=first_window)
+                                       first_window=first_window, prefetch=prefetch)
         old = self.state
         if old is not None and not old.started:
             old.driver.close()

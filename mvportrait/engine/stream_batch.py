@@ -59,6 +59,7 @@ class StreamSettings:
     frames: int | None  # total frames (None: until closed)
     fast_start: bool = True  # the first window denoises alone (lower time to first frame)
     first_window: int | None = None  # frames of window 0 (None: the model's window; fewer needs fast_start)
+    prefetch: bool = False  # admit the next window while the device runs a model call (see run())
 
 
 # ------------------------------------------------------------------------------------ internal state
@@ -83,6 +84,8 @@ class _Window:
     step: int = 0  # steps done
     x0: torch.Tensor | None = None  # (V, W, C, h, w) latest x0 estimate
     final: torch.Tensor | None = None  # (V, W, C, h, w) when finished
+    feats: torch.Tensor | None = None  # (V, W, C0, h, w) FLAME features until placed in the buffers
+    x_T: torch.Tensor | None = None  # (V, W, C, h, w) start latents until placed
 
 
 @dataclass
@@ -98,6 +101,7 @@ class StepPlan:
     prev_step: object
     frames: int = 0  # frames per row (x.shape[2])
     out: torch.Tensor | None = None
+    done: object = None  # torch.cuda.Event after the call on the compute stream (prefetch on CUDA)
     call_s: float = 0.0
     finished: list = field(default_factory=list)
 
@@ -130,6 +134,9 @@ class StreamState:
         self.tail_feats: torch.Tensor | None = None  # FLAME features of the last window's overlap frames
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.t_cache: dict = {}
+        self.prefetched: _Window | None = None  # admitted during the last model call, not yet in the batch
+        # with prefetch on CUDA the model calls run on their own stream (see _prefetch)
+        self.compute = torch.cuda.Stream(self.device) if settings.prefetch and self.device.type == "cuda" else None
         self.queue = FrameQueue(settings.queue_size, settings.policy, settings.fps, realtime=settings.realtime,
                                 stats=stats)
         self.stop = threading.Event()
@@ -144,7 +151,7 @@ class StreamState:
     def release(self) -> None:
         """Free the buffers (the stream has ended)."""
         self.x_buf = self.f_buf = self.tail_feats = None
-        self.tail_final = None
+        self.tail_final = self.prefetched = None
         self.windows.clear()
         self.t_cache.clear()
         self.released = True
@@ -241,10 +248,6 @@ def _admit(st: StreamState) -> _Window | None:
         feats = torch.cat([st.tail_feats, feats], dim=1)  # (V, W, C0, h, w)
     st.tail_feats = feats[:, W - O:]
     slot = k % st.settings.stream_batch
-    if st.f_buf is None:  # (B, V, W, C0, h, w); a shorter first window fills its first W1 frames
-        st.f_buf = torch.zeros(st.settings.stream_batch, feats.shape[0], st.W, *feats.shape[2:], device=st.device,
-                               dtype=st.dtype)
-    st.f_buf[slot, :, :W] = feats
     t2 = time.perf_counter()
     # all of the window's noise now, in the order _Sampler.sample draws it: start latents, overlap noise
     # at t0, then per step the step's own noise (stochastic samplers) and the overlap noise at prev_t
@@ -262,15 +265,40 @@ def _admit(st: StreamState) -> _Window | None:
         step_noise.append(draw() if draws else None)
         if k:
             noise.append(draw()[:, :O] if impose[i + 1] >= 0 else None)
-    st.x_buf[slot] = x_T
-    if k:
-        st.x_buf[slot, :, :O] = st.sampler.schedule.add_noise(_known(st, k), noise[0], st.pairs[0][0])
     emit_to = start + W if st.total is None else min(start + W, st.total)
     w = _Window(index=k, start=start, frames=W, emit_from=first_new, emit_to=emit_to, slot=slot, noise=noise,
                 step_noise=step_noise, flame=fp, revision=st.revision, t_admit=t0, stage1_s=t1 - t0,
-                render_s=t2 - t1)
+                render_s=t2 - t1, feats=feats, x_T=x_T)
     st.next_index += 1
     return w
+
+
+def _place(st: StreamState, w: _Window) -> None:
+    """Put an admitted window into its stream-batch slot: features, start latents, and (k >= 1) its
+    overlap frames re-imposed from the predecessor's latest latents (which may have been updated since
+    the window was admitted, so this happens here, when it joins the batch)."""
+    if st.f_buf is None:  # (B, V, W, C0, h, w); a shorter first window fills its first W1 frames
+        st.f_buf = torch.zeros(st.settings.stream_batch, w.feats.shape[0], st.W, *w.feats.shape[2:],
+                               device=st.device, dtype=st.dtype)
+    st.f_buf[w.slot, :, :w.frames] = w.feats
+    st.x_buf[w.slot] = w.x_T
+    if w.index:
+        st.x_buf[w.slot, :, :st.O] = st.sampler.schedule.add_noise(_known(st, w.index), w.noise[0], st.pairs[0][0])
+    w.feats = w.x_T = None
+
+
+def _prefetch(st: StreamState) -> None:
+    """Admit the next window now, while the device runs the model call just launched (``prefetch``):
+    stage 1, render, FLAME encoder and noise take host time that would otherwise leave the device idle
+    between calls. On CUDA the model call runs on its own stream (:func:`_execute`), so the admission's
+    own synchronisations on the default stream (the rasteriser's one host read, host-to-device copies)
+    do not wait for it. Admission writes no stream-batch buffer (:func:`_place` does, when the window
+    joins the batch), so it cannot race the running call. Updates are applied first, as
+    :func:`_schedule` does; the prefetched window counts as entered from here."""
+    if st.prefetched is not None or (st.n_windows is not None and st.next_index >= st.n_windows):
+        return
+    _apply_updates(st)
+    st.prefetched = _admit(st)
 
 
 def _timesteps(st: StreamState, values: tuple[int, ...]) -> torch.Tensor:
@@ -283,10 +311,11 @@ def _timesteps(st: StreamState, values: tuple[int, ...]) -> torch.Tensor:
 def _schedule(st: StreamState) -> StepPlan | None:
     """Apply pending updates, admit one window, and lay out the batch; None when all is done."""
     _apply_updates(st)
-    first_alone = st.settings.fast_start and st.next_index == 1 and st.windows  # window 0 still in flight
+    first_alone = st.settings.fast_start and any(w.index == 0 for w in st.windows)  # window 0 still in flight
     if len(st.windows) < st.settings.stream_batch and not first_alone:
-        w = _admit(st)
+        w, st.prefetched = st.prefetched or _admit(st), None
         if w is not None:
+            _place(st, w)
             st.windows.append(w)
     if not st.windows:
         return None
@@ -312,7 +341,17 @@ def _schedule(st: StreamState) -> StepPlan | None:
 
 def _execute(st: StreamState, plan: StepPlan) -> None:
     t0 = time.perf_counter()
-    plan.out = st.model.denoise(plan.x, plan.t_model, plan.feats, st.ctx, guidance=st.settings.guidance)
+    if st.compute is None:
+        plan.out = st.model.denoise(plan.x, plan.t_model, plan.feats, st.ctx, guidance=st.settings.guidance)
+    else:  # on the compute stream, after everything queued so far; _update orders the default stream after it
+        main = torch.cuda.current_stream(st.device)
+        st.compute.wait_stream(main)
+        with torch.cuda.stream(st.compute):
+            plan.out = st.model.denoise(plan.x, plan.t_model, plan.feats, st.ctx, guidance=st.settings.guidance)
+        for t in (plan.x, plan.feats, plan.t_model):  # allocated on the default stream, read by this call
+            t.record_stream(st.compute)
+        plan.done = torch.cuda.Event()
+        plan.done.record(st.compute)
     plan.call_s = time.perf_counter() - t0
 
 
@@ -331,6 +370,10 @@ def _step_noise(st: StreamState, plan: StepPlan) -> torch.Tensor | None:
 
 def _update(st: StreamState, plan: StepPlan) -> None:
     """Sampler step for every row, overlap re-imposition (oldest window first), retire finished windows."""
+    if plan.done is not None:  # the call ran on the compute stream: wait for it on the device (not the host)
+        main = torch.cuda.current_stream(st.device)
+        main.wait_event(plan.done)
+        plan.out.record_stream(main)
     prev, x0 = st.sampler.step(plan.out, plan.t_step, plan.x, prev_t=plan.prev_step, noise=_step_noise(st, plan))
     if plan.index is None:
         st.x_buf.copy_(prev)
@@ -402,6 +445,8 @@ def run(st: StreamState) -> None:
                 if plan is None:
                     break
                 _execute(st, plan)
+                if st.settings.prefetch:
+                    _prefetch(st)
                 _update(st, plan)
                 st.stats.busy_s += time.perf_counter() - t0
                 for w in plan.finished:

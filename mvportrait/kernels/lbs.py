@@ -676,12 +676,13 @@ VERTEX_CONFIG = None
 
 
 def _vertex_config(n: int) -> tuple[int, int, int]:
-    """The vertex kernel's launch for ``n`` frames: tl.dot needs every block dimension >= 16; 32x64 fp32
-    tiles at 4 warps spill on sm_90 (255 registers), so 64-frame blocks take 8 warps."""
+    """The vertex kernel's launch for ``n`` frames (tl.dot needs every block dimension >= 16): the best of
+    the sweep on an H200 (prepared call, 5,023 vertices, fp32; session 9, gpu_suite_h200.txt): 16 x 16
+    blocks at 4 warps up to 16 frames (1 frame 0.079 ms; 32 x 16: 0.101), 32 x 32 beyond (64 frames
+    0.148 ms; 32 x 64 at 8 warps: 0.166; 16 x 16: 0.198): more, smaller programs than one wave of big ones."""
     if VERTEX_CONFIG is not None:
         return VERTEX_CONFIG
-    block_n = min(64, max(16, _next_pow2(n)))
-    return 32, block_n, 8 if block_n >= 64 else 4
+    return (16, 16, 4) if n <= 16 else (32, 32, 4)
 
 
 def _packed_lbs(n, v_template, dirs, posedirs, parents_t, weights, joint_basis, normals=None):

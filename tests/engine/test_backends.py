@@ -6,6 +6,7 @@ and inductor compute in fp32 like torch, so per-call differences are ~1e-6 and o
 round the other way; a broken graph moves the mean by tens of levels.
 """
 import importlib.util
+import threading
 
 import numpy as np
 import pytest
@@ -237,3 +238,58 @@ def test_gpu_compile_runner_outputs_survive_later_calls():
         want = [net(x) for x in xs]
     for k, w in zip(kept, want):
         torch.testing.assert_close(k, w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor's CUDA graphs)")
+@needs_compile
+def test_gpu_compile_runner_called_from_new_threads():
+    """A stream's worker is a new Python thread per stream: the compiled network (CUDA graphs) must work
+    there (torch 2.11 failed with ``assert torch._C._is_key_in_tls`` in the cudagraph trees, pytorch#123177)."""
+    import types
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 8)).cuda()
+    runner = backends.CompileRunner(types.SimpleNamespace(module=net), device="cuda")
+    x = torch.randn(4, 8, device="cuda")
+    with torch.inference_mode():
+        want = net(x)
+    outs, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                outs.append(runner(x)[0])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    for _ in range(3):  # three threads one after the other, as three streams
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    assert not errors, errors
+    assert len(outs) == 9
+    for o in outs:
+        torch.testing.assert_close(o, want, atol=1e-5, rtol=1e-4)
+
+
+def test_cudagraph_state_is_shared_with_new_threads(monkeypatch):
+    """The mechanism behind the test above, on any machine: a thread that has no cudagraph-trees state
+    of its own gets the state recorded in the thread that made the first CompileRunner."""
+    from torch._inductor import cudagraph_trees as cgt
+
+    monkeypatch.setattr(backends, "_CUDAGRAPH_TLS", {})
+    backends._remember_cudagraph_tls()
+    main = {n: getattr(cgt.local, n) for n in backends._CUDAGRAPH_TLS_NAMES}
+    seen = {}
+
+    def work():
+        seen["before"] = [hasattr(cgt.local, n) for n in backends._CUDAGRAPH_TLS_NAMES]
+        backends._share_cudagraph_tls()
+        seen["after"] = {n: getattr(cgt.local, n, None) for n in backends._CUDAGRAPH_TLS_NAMES}
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen["before"] == [False, False]  # a new thread starts without it (the failure on torch 2.11)
+    assert all(seen["after"][n] is main[n] for n in main)

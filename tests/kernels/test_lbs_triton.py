@@ -81,7 +81,7 @@ def test_lbs_triton_matches_reference_fp32(nv, k, n):
     torch.testing.assert_close(joints, ref_j, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("launch", [(16, 16, 4), (64, 32, 8), (32, 16, 4)])
+@pytest.mark.parametrize("launch", [(32, 64, 8), (64, 32, 8), (32, 16, 4)])
 def test_lbs_triton_vertex_launches_match_reference(monkeypatch, launch):
     """Every launch the benchmark sweep tries (BLOCK_V, BLOCK_N, warps) gives the reference's result,
     with frame and vertex counts that leave partial blocks in both grid dimensions."""
@@ -96,9 +96,10 @@ def test_lbs_triton_vertex_launches_match_reference(monkeypatch, launch):
 
 
 def test_vertex_config_default_and_override(monkeypatch):
-    assert K._vertex_config(1) == (32, 16, 4)
-    assert K._vertex_config(64) == (32, 64, 8)
-    assert K._vertex_config(1000) == (32, 64, 8)
+    assert K._vertex_config(1) == (16, 16, 4)
+    assert K._vertex_config(16) == (16, 16, 4)
+    assert K._vertex_config(17) == (32, 32, 4)
+    assert K._vertex_config(1000) == (32, 32, 4)
     monkeypatch.setattr(K, "VERTEX_CONFIG", (16, 32, 4))
     assert K._vertex_config(1) == (16, 32, 4)
 
