@@ -135,7 +135,7 @@ fi
 if [ "$TESTS" = 1 ]; then
     # the other `gpu` tests in the background, beside every kernel test (compiled on the GPU, full-size
     # `gpu` cases included); correctness only, so sharing the GPU is fine
-    OMP_NUM_THREADS=2 bg pytest_gpu 90 $PY -m pytest tests -m gpu --ignore=tests/kernels -q -rs -p no:cacheprovider
+    OMP_NUM_THREADS=2 bg pytest_gpu 200 $PY -m pytest tests -m gpu --ignore=tests/kernels -q -rs -p no:cacheprovider
     OMP_NUM_THREADS=2 step pytest_kernels 240 $PY -m pytest ${KERNEL_TESTS:-tests/kernels} -q -rs -p no:cacheprovider \
         $XDIST
 fi

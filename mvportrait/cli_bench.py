@@ -39,7 +39,7 @@ def add_e2e_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "a cheaper first call, the first frame sooner")
     p.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
                    help="engine: admit the next window while the model call runs, the call on its own CUDA stream "
-                        "(auto: on CUDA except the compile backend)")
+                        "(auto: off, as prepare's default)")
     p.add_argument("--stage1-steps", type=int, help="engine stage-1 steps (default: the student's, else 10)")
     p.add_argument("--naive-steps", type=int, default=25, help="naive stage-2 DDIM steps (default 25)")
     p.add_argument("--naive-stage1-steps", type=int, default=50, help="naive stage-1 DDIM steps (default 50)")

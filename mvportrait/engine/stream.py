@@ -72,14 +72,17 @@ current model call), and every frame says which update ``revision`` it was made 
 **Output** goes through a bounded :class:`~.stream_queue.FrameQueue` (``lossless`` / ``latest``,
 pacing to ``fps`` with presentation timestamps, lateness report). Closing the stream (``close()``,
 leaving a ``with`` block, ``aclose()``, or dropping the iterator) stops the worker, frees the buffers
-and ends the threads; an exception raised in any stage is raised to the consumer.
+and ends the stream's run on the engine's worker thread and its stage-1 thread; an exception raised in
+any stage is raised to the consumer. The worker thread itself is long-lived: one per engine runs all its
+streams (GPU libraries keep per-thread caches that a new thread would rebuild in its first model call;
+see ``_Worker``) and ends after ``WORKER_IDLE_S`` seconds without a stream.
 
 Hot loop: no ``.item()`` / ``.cpu()`` / printing between model calls; timestep tensors are cached
 per step pattern. A finished window is decoded one frame (all views) at a time and each frame is
 queued as soon as it is decoded, so the first frame does not wait for the rest of its window; its
 device-to-host copy is the only one (skipped with ``output="torch"``). Timings are host-side (on a GPU they measure launches, not kernels).
 
-**Prefetch** (``prepare(prefetch=...)``, default on CUDA): the worker admits the next window (stage 1,
+**Prefetch** (``prepare(prefetch=True)``, opt-in until its GPU parity test passes): the worker admits the next window (stage 1,
 render with the rasteriser's one host read, FLAME encoder, noise copies) right after launching a model
 call, which then runs on its own CUDA stream; the sampler update waits for it on the device. The
 admission's host time and synchronisations overlap the call instead of idling the device between calls.
@@ -91,6 +94,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import queue
 import threading
 import time
 import weakref
@@ -110,25 +114,89 @@ OUTPUTS = ("numpy", "torch")
 JOIN_TIMEOUT_S = 30.0
 
 
+# ------------------------------------------------------------------------------------ worker thread
+WORKER_IDLE_S = 120.0  # a StreamingEngine's worker thread ends after this long without a stream
+
+
+class _Job:
+    """One stream's run on an engine's worker thread; ``is_alive`` / ``join`` as for a thread."""
+
+    def __init__(self):
+        self._done = threading.Event()
+        self.thread: threading.Thread | None = None  # the worker thread running it
+
+    def is_alive(self) -> bool:
+        return not self._done.is_set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._done.wait(timeout)
+
+
+class _Worker:
+    """The long-lived thread of one :class:`StreamingEngine`: it runs the engine's streams one after another.
+
+    Why not a new thread per stream: GPU libraries keep per-thread state that is expensive to build.
+    PyTorch's cuDNN execution-plan and attention-graph caches are thread-local, so a new thread's first
+    model call rebuilds the plan of every convolution and attention shape: measured on an H200, the sd15
+    preset's first call of a stream took 0.53-0.57 s of host time against 0.10-0.11 s for the same call
+    repeated (README, first frame). The thread ends after ``WORKER_IDLE_S`` without a stream (a later
+    stream starts a new one).
+    """
+
+    def __init__(self, idle_s: float | None = None):
+        self.idle_s = WORKER_IDLE_S if idle_s is None else idle_s
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn, *args) -> _Job:
+        job = _Job()
+        with self._lock:
+            self._jobs.put((job, fn, args))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="mvportrait-stream", daemon=True)
+                self._thread.start()
+            job.thread = self._thread
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                job, fn, args = self._jobs.get(timeout=self.idle_s)
+            except queue.Empty:
+                with self._lock:
+                    if self._jobs.empty():  # (submit puts under the lock: no job is left behind)
+                        self._thread = None
+                        return
+                continue
+            try:
+                fn(*args)
+            except BaseException:  # noqa: BLE001 - run() reports to the consumer; never let the thread die
+                log.exception("stream worker job failed")
+            finally:
+                del fn, args  # the job's state goes now, not when the next job arrives
+                job._done.set()
+
+
 # ------------------------------------------------------------------------------------ iterator
 class FrameStream:
     """The frames of a running stream: an iterator and an async iterator; ``close()`` stops it."""
 
-    def __init__(self, state: StreamState):
+    def __init__(self, state: StreamState, worker: _Worker | None = None):
         self._state = state
         self._queue = state.queue
         self._closed = False
         # the worker holds the state, never this object: dropping the iterator closes the stream
-        self._thread = threading.Thread(target=run, args=(state,), name="mvportrait-stream", daemon=True)
-        self._thread.start()
+        self._job = (worker or _Worker()).submit(run, state)
 
     @property
     def stats(self) -> StreamStats:
         return self._state.stats
 
     @property
-    def thread(self) -> threading.Thread:
-        return self._thread
+    def thread(self) -> _Job:
+        """The stream's run on its engine's worker thread (``is_alive()``, ``join(timeout)``, ``.thread``)."""
+        return self._job
 
     def next(self, timeout: float | None = None) -> StreamFrame | None:
         """The next frame, or None at the end of the stream (the stream is then closed)."""
@@ -162,7 +230,7 @@ class FrameStream:
         return frame
 
     def close(self, timeout: float | None = JOIN_TIMEOUT_S) -> None:
-        """Stop the work, end the threads (waits for the model call in progress) and free the buffers."""
+        """Stop the work (waits for the model call in progress), end the stage-1 thread, free the buffers."""
         if self._closed:
             return
         self._closed = True
@@ -170,9 +238,9 @@ class FrameStream:
         st.stop.set()
         self._queue.close()
         st.driver.close(timeout)
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-            if self._thread.is_alive():
+        if self._job.thread is not threading.current_thread():
+            self._job.join(timeout)
+            if self._job.is_alive():
                 log.warning("the stream worker did not stop within %s s", timeout)
 
     async def aclose(self) -> None:
@@ -226,6 +294,7 @@ class StreamingEngine:
         self.settings: StreamSettings | None = None
         self._stream = lambda: None  # weak reference to the running FrameStream
         self._parts: tuple[str, str] | None = None
+        self._worker = _Worker()  # one long-lived thread runs every stream of this engine (see _Worker)
 
     @classmethod
     def from_pretrained(cls, stage2_path=None, stage1_path=None, *, device="cpu", text_model=None,
@@ -293,9 +362,10 @@ class StreamingEngine:
         first_window`` frames earlier. Needs ``fast_start`` (window 0 is then alone in its calls). With
         the default the stream equals the offline :meth:`FLAME2Video.generate_from_maps` (see above).
         ``prefetch``: admit the next window (stage 1, render, FLAME encoder, noise) while the device runs
-        the current model call, which then runs on its own CUDA stream (default: on CUDA, except with the
-        ``compile`` backend, whose CUDA graphs have not been tried on a second stream; on a CPU there is
-        nothing to overlap). The frames are the same either way; an update then shows one window later.
+        the current model call, which then runs on its own CUDA stream (default off: on an H200 it took
+        the sd15 stream from 22.7 to 28.4 frame sets/s, but its GPU parity test failed once, cause not yet
+        known; on a CPU there is nothing to overlap). The frames are the same on a CPU (tested); an update
+        then shows one window later.
         """
         from mvportrait.drivers.text import split_prompt
 
@@ -318,8 +388,8 @@ class StreamingEngine:
             if first_window < pipe.window and not fast_start:
                 raise ValueError(f"first_window={first_window} (shorter than the {pipe.window}-frame window) needs "
                                  f"fast_start=True: window 0 must run its steps alone")
-        if prefetch is None:
-            prefetch = pipe.device.type == "cuda" and getattr(pipe, "backend", "torch") != "compile"
+        if prefetch is None:  # off until its GPU parity test has passed (README, Streaming)
+            prefetch = False
         elif not isinstance(prefetch, bool):
             raise ValueError(f"prefetch must be True, False or None (auto), got {prefetch!r}")
         if policy not in POLICIES:
@@ -375,7 +445,7 @@ class StreamingEngine:
         if st.started:
             raise RuntimeError("this stream was already started; call prepare() again for a new one")
         st.started = True
-        stream = FrameStream(st)
+        stream = FrameStream(st, self._worker)
         self._stream = weakref.ref(stream)
         return stream
 

@@ -149,7 +149,7 @@ def _axis_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, R, HEADS, O, NPOS, L, D, 
     v_ptrs = v_ptr + (b * sv_b + o * sv_o + n * sv_n)[:, None] + chan * sv_c
     o_ptrs = o_ptr + (b * so_b + o * so_o + n * so_n)[:, None] + chan * so_c
     for i in range(0, L):  # query i: an online softmax over the L keys (rereads of K / V hit the cache)
-        qi = tl.load(q_ptrs + i * sq_l, mask=mask, other=0.0).to(tl.float32) * qk_scale
+        qi = (tl.load(q_ptrs + i * sq_l, mask=mask, other=0.0).to(tl.float32) * qk_scale).to(tl.float32)
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)

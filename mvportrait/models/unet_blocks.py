@@ -280,12 +280,15 @@ def _axis_impl() -> str:
     """Kernel choice for axis attention: MVP_KERNELS, except where only the reference works.
 
     The Triton kernel has no backward and cannot be traced, so autograd and ONNX export use the
-    PyTorch reference; MVP_KERNELS=cpp has no C++ axis attention and means "best available".
+    PyTorch reference; so does torch.compile (inductor traced the kernel on an H200 but rejected its
+    float scale argument as fp64, session 9: the kernel now casts, not yet re-tried under inductor);
+    MVP_KERNELS=cpp has no C++ axis attention and means "best available".
     """
     impl = envs.kernels()
     if impl == "cpp":
         impl = "auto"
-    if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
+            or torch.compiler.is_compiling():
         impl = "ref"
     return impl
 

@@ -92,7 +92,7 @@ def test_prefetch_argument(engine, ref):
     with pytest.raises(ValueError, match="prefetch"):
         engine.prepare(ref, flame=demo_sequence(seconds=0.4), views="ring-2", prefetch="yes")
     engine.prepare(ref, flame=demo_sequence(seconds=0.4), views="ring-2")
-    assert engine.settings.prefetch is False  # auto: on CUDA only (nothing to overlap on a CPU)
+    assert engine.settings.prefetch is False  # opt-in (README: its GPU parity test failed once)
     engine.prepare(ref, flame=demo_sequence(seconds=0.4), views="ring-2", prefetch=True)
     assert engine.settings.prefetch is True and engine.state.compute is None  # no CUDA stream on a CPU
 
@@ -100,14 +100,24 @@ def test_prefetch_argument(engine, ref):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the model call on its own stream)")
 def test_gpu_prefetch_on_a_compute_stream_gives_the_same_frames(ref):
+    """On CUDA the model call runs on its own stream: the frames must match the plain stream's up to what
+    two plain runs differ by (a race, e.g. a buffer read before it is written, moves whole windows by tens
+    of levels). The message carries the numbers (the first run on an H200 failed without them)."""
     eng = _engine("cuda")
-    plain = _frames(eng, ref, prefetch=False, steps=2, stream_batch=2)
-    eng.prepare(ref, flame=demo_sequence(seconds=1.0), views="ring-2", seed=5, realtime=False, steps=2,
-                stream_batch=2)
-    assert eng.settings.prefetch is True and eng.state.compute is not None  # the default on CUDA
+    kw = dict(steps=2, stream_batch=2)
+    plain = _frames(eng, ref, prefetch=False, **kw)
+    again = _frames(eng, ref, prefetch=False, **kw)
+    eng.prepare(ref, flame=demo_sequence(seconds=1.0), views="ring-2", seed=5, realtime=False, prefetch=True, **kw)
+    assert eng.settings.prefetch is True and eng.state.compute is not None
     with eng.stream() as s:
         fetched = list(s)
-    assert [f.index for f in fetched] == [f.index for f in plain]
-    for a, b in zip(plain, fetched):
-        d = np.abs(a.views.astype(np.int16) - b.views.astype(np.int16))
-        assert d.max() <= 1 and d.mean() < 0.05, a.index  # same math; only a kernel's rounding may differ
+    assert [f.index for f in fetched] == [f.index for f in plain] == [f.index for f in again]
+
+    def diff(xs, ys):
+        d = [np.abs(x.views.astype(np.int16) - y.views.astype(np.int16)) for x, y in zip(xs, ys)]
+        return max(int(x.max()) for x in d), float(np.mean([x.mean() for x in d])), [int(x.max()) for x in d]
+
+    base, got = diff(plain, again), diff(plain, fetched)
+    msg = f"plain vs plain: max {base[0]}, mean {base[1]:.4f}; plain vs prefetch: max {got[0]}, mean {got[1]:.4f}, " \
+          f"per frame {got[2]}"
+    assert got[0] <= max(1, 2 * base[0]) and got[1] <= max(0.05, 2 * base[1]), msg

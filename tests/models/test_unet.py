@@ -220,6 +220,20 @@ def test_triton_kernels_match_reference(nets, monkeypatch):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_axis_attention_kernel_choice_under_compile_trace_and_grad(monkeypatch):
+    """The Triton axis kernel only in plain inference: autograd, tracing, ONNX export and torch.compile
+    (inductor rejected the kernel's float argument on an H200) take the PyTorch reference."""
+    monkeypatch.setenv("MVP_KERNELS", "triton")
+    with torch.no_grad():
+        assert unet_blocks._axis_impl() == "triton"
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert unet_blocks._axis_impl() == "ref"
+    monkeypatch.undo()
+    monkeypatch.setenv("MVP_KERNELS", "triton")
+    with torch.enable_grad():
+        assert unet_blocks._axis_impl() == "ref"
+
+
 def test_bad_inputs_raise_clear_errors(nets):
     cfg, unet, ref = nets
     x, ehs, flame = inputs()

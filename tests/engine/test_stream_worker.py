@@ -1,0 +1,78 @@
+"""Streaming runtime: one long-lived worker thread per engine runs its streams (GPU libraries keep
+per-thread caches, e.g. PyTorch's cuDNN plans, that a new thread per stream would rebuild), and it ends
+after an idle time."""
+import threading
+import time
+
+import pytest
+import torch
+
+from micro import fill_zero_params, micro_stage2_config
+from mvportrait.engine import stream as stream_api
+from mvportrait.engine import stream_batch as stream_mod
+from mvportrait.engine.flame2video import FLAME2Video
+from mvportrait.engine.stream import StreamingEngine
+from mvportrait.flame.demo import demo_sequence
+from mvportrait.models.stage2 import FLAME2VideoModel
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    """Every test here runs torch on one thread (see tests/conftest.py)."""
+
+
+@pytest.fixture()
+def engine():
+    torch.manual_seed(0)
+    model = fill_zero_params(FLAME2VideoModel(micro_stage2_config(frames=4)).eval())
+    return StreamingEngine(FLAME2Video(model, overlap=1))
+
+
+REF = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def _stream(engine):
+    engine.prepare(REF, flame=demo_sequence(seconds=0.5), views="ring-2", seed=1, realtime=False, steps=1)
+    with engine.stream() as s:
+        frames = list(s)
+        job = s.thread
+    return frames, job
+
+
+def test_streams_of_one_engine_share_one_worker_thread(engine, monkeypatch):
+    idents = []
+    real = stream_mod._execute
+    monkeypatch.setattr(stream_mod, "_execute", lambda st, plan: (idents.append(threading.get_ident()),
+                                                                  real(st, plan))[1])
+    frames_a, job_a = _stream(engine)
+    frames_b, job_b = _stream(engine)
+    assert frames_a and len(frames_a) == len(frames_b)
+    assert not job_a.is_alive() and not job_b.is_alive()  # each stream's run has ended
+    assert job_a.thread is job_b.thread and job_a.thread.is_alive()  # the thread stays for the next stream
+    assert len(set(idents)) == 1 and idents[0] != threading.get_ident()  # every model call there, not here
+    other = StreamingEngine(engine.stage2)  # another engine: its own thread (streams of two engines overlap)
+    _, job_c = _stream(other)
+    assert job_c.thread is not job_a.thread
+
+
+def test_worker_thread_ends_when_idle_and_restarts(engine, monkeypatch):
+    monkeypatch.setattr(stream_api, "WORKER_IDLE_S", 0.2)
+    engine._worker = stream_api._Worker()  # picks up the short idle time
+    _, job_a = _stream(engine)
+    job_a.thread.join(5)
+    assert not job_a.thread.is_alive() and engine._worker._thread is None
+    frames, job_b = _stream(engine)  # a new thread for the next stream
+    assert frames and job_b.thread is not job_a.thread
+
+
+def test_a_failing_job_does_not_kill_the_worker():
+    w = stream_api._Worker(idle_s=5)
+    bad = w.submit(lambda: 1 / 0)
+    bad.join(5)
+    done = []
+    good = w.submit(done.append, 1)
+    good.join(5)
+    assert done == [1] and good.thread is bad.thread and not good.is_alive()
+    t0 = time.perf_counter()
+    w.submit(time.sleep, 0.01).join(5)
+    assert time.perf_counter() - t0 < 5
