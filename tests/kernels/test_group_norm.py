@@ -240,6 +240,17 @@ def test_unet_helper_on_cpu_is_the_module_calls_exactly(monkeypatch, kernels):
         torch.testing.assert_close(blk(x, temb), want, atol=0, rtol=0)
 
 
+def test_auto_picks_the_fused_kernel_from_64x64_spatial():
+    """MVP_KERNELS=auto: the fused kernel only where it measured faster on an H200 (64^2, not 16^2)."""
+    from mvportrait.models.unet_blocks import NORM_TRITON_MIN_HW, _norm_triton_pays
+
+    assert NORM_TRITON_MIN_HW == 64 * 64
+    assert _norm_triton_pays(torch.empty(32, 320, 64, 64, device="meta"))
+    assert not _norm_triton_pays(torch.empty(32, 1280, 16, 16, device="meta"))
+    assert not _norm_triton_pays(torch.empty(32, 640, 32, 32, device="meta"))  # unmeasured: torch's kernels
+    assert _norm_triton_pays(torch.empty(2, 8, 4, 32, 32, device="meta"))  # 4 x 32 x 32 spatial: 4096
+
+
 # --------------------------------------------------------------------------- full size, GPU
 @pytest.mark.gpu
 @gpu_only
