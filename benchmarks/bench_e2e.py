@@ -386,7 +386,10 @@ def _on_worker(engine, fn):
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = e
 
-    engine._worker.submit(job).join()
+    done = engine._worker.submit(job)
+    done.join(1800)
+    if done.is_alive():
+        raise TimeoutError("bench e2e: the engine's worker thread did not finish the measurement in 30 min")
     if "error" in box:
         raise box["error"]
     return box["value"]
@@ -403,7 +406,9 @@ def first_frame_synced(engine, m, args, profile_first_call: dict | None = None) 
     first model call repeated at once on the same inputs (synchronised; its result is dropped), so a
     cost of a stream's first call shows as the difference; ``model_after_reference_s``: the same call
     once more after a run of the reference network (what ``prepare`` runs). ``profile_first_call``: a dict that receives
-    a torch.profiler table (host and device) of window 0's first model call under ``"table"``."""
+    a torch.profiler table (host and device) of window 0's first model call under ``"table"``. With
+    ``--prefetch on`` the calls run on the compute stream as in a stream, but nothing is prefetched here
+    (window 0 has no predecessor call to overlap)."""
     from mvportrait.engine import stream_batch as sb
 
     dev = m["dev"]

@@ -32,6 +32,7 @@ The original models are never modified; adapters keep only the small torch piece
 """
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import shutil
@@ -151,8 +152,12 @@ def _remember_cudagraph_tls() -> None:
     from torch._inductor import cudagraph_trees as cgt
 
     local = getattr(cgt, "local", None)
-    if local is not None and all(hasattr(local, n) for n in _CUDAGRAPH_TLS_NAMES):
-        _CUDAGRAPH_TLS.update({n: getattr(local, n) for n in _CUDAGRAPH_TLS_NAMES}, module=cgt)
+    if local is None:
+        return
+    if not all(hasattr(local, n) for n in _CUDAGRAPH_TLS_NAMES):  # imported by another thread: set up this one's
+        local.tree_manager_containers = {}
+        local.tree_manager_locks = collections.defaultdict(threading.Lock)
+    _CUDAGRAPH_TLS.update({n: getattr(local, n) for n in _CUDAGRAPH_TLS_NAMES}, module=cgt)
 
 
 def _share_cudagraph_tls() -> None:

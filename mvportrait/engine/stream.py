@@ -295,6 +295,7 @@ class StreamingEngine:
         self._stream = lambda: None  # weak reference to the running FrameStream
         self._parts: tuple[str, str] | None = None
         self._worker = _Worker()  # one long-lived thread runs every stream of this engine (see _Worker)
+        self._last_job: _Job | None = None
 
     @classmethod
     def from_pretrained(cls, stage2_path=None, stage1_path=None, *, device="cpu", text_model=None,
@@ -362,7 +363,8 @@ class StreamingEngine:
         first_window`` frames earlier. Needs ``fast_start`` (window 0 is then alone in its calls). With
         the default the stream equals the offline :meth:`FLAME2Video.generate_from_maps` (see above).
         ``prefetch``: admit the next window (stage 1, render, FLAME encoder, noise) while the device runs
-        the current model call, which then runs on its own CUDA stream (default off: on an H200 it took
+        the current model call, which then runs on its own CUDA stream (not with the ``compile`` backend,
+        whose CUDA graphs share one memory pool across the networks; default off: on an H200 it took
         the sd15 stream from 22.7 to 28.4 frame sets/s, but its GPU parity test failed once, cause not yet
         known; on a CPU there is nothing to overlap). The frames are the same on a CPU (tested); an update
         then shows one window later.
@@ -392,6 +394,9 @@ class StreamingEngine:
             prefetch = False
         elif not isinstance(prefetch, bool):
             raise ValueError(f"prefetch must be True, False or None (auto), got {prefetch!r}")
+        if prefetch and getattr(pipe, "backend", "torch") == "compile":
+            raise ValueError("prefetch=True does not go with the compile backend: its CUDA graphs share one memory "
+                             "pool across the networks, so a FLAME-encoder replay during the UNet's could overwrite it")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if output not in OUTPUTS:
@@ -444,8 +449,15 @@ class StreamingEngine:
             raise RuntimeError("call prepare() before stream()")
         if st.started:
             raise RuntimeError("this stream was already started; call prepare() again for a new one")
+        last = self._last_job
+        if last is not None and last.is_alive():  # a dropped / timed-out stream still finishing its model call
+            last.join(JOIN_TIMEOUT_S)
+            if last.is_alive():
+                raise RuntimeError(f"the engine's previous stream has not stopped within {JOIN_TIMEOUT_S:g} s "
+                                   "(its worker is still in a model call); try again later")
         st.started = True
         stream = FrameStream(st, self._worker)
+        self._last_job = stream.thread
         self._stream = weakref.ref(stream)
         return stream
 

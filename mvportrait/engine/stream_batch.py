@@ -30,7 +30,7 @@ class FrameTimings:
     render_s: float = 0.0  # FLAME layer + rasterizer + FLAME encoder
     denoise_s: float = 0.0  # this window's share of the batched model calls and sampler updates
     decode_s: float = 0.0
-    latency_s: float = 0.0  # the window entering the stream batch -> this frame queued
+    latency_s: float = 0.0  # the window admitted (with prefetch: during the previous call) -> this frame queued
 
 
 @dataclass
@@ -59,7 +59,7 @@ class StreamSettings:
     frames: int | None  # total frames (None: until closed)
     fast_start: bool = True  # the first window denoises alone (lower time to first frame)
     first_window: int | None = None  # frames of window 0 (None: the model's window; fewer needs fast_start)
-    prefetch: bool = False  # admit the next window while the device runs a model call (see run())
+    prefetch: bool = False  # admit the next window while the device runs a model call (see _prefetch)
 
 
 # ------------------------------------------------------------------------------------ internal state
@@ -340,6 +340,7 @@ def _schedule(st: StreamState) -> StepPlan | None:
 
 
 def _execute(st: StreamState, plan: StepPlan) -> None:
+    st.stage = "denoise"
     t0 = time.perf_counter()
     if st.compute is None:
         plan.out = st.model.denoise(plan.x, plan.t_model, plan.feats, st.ctx, guidance=st.settings.guidance)
@@ -370,6 +371,7 @@ def _step_noise(st: StreamState, plan: StepPlan) -> torch.Tensor | None:
 
 def _update(st: StreamState, plan: StepPlan) -> None:
     """Sampler step for every row, overlap re-imposition (oldest window first), retire finished windows."""
+    st.stage = "denoise"  # (a prefetch in between set its own stages)
     if plan.done is not None:  # the call ran on the compute stream: wait for it on the device (not the host)
         main = torch.cuda.current_stream(st.device)
         main.wait_event(plan.done)
@@ -461,6 +463,8 @@ def run(st: StreamState) -> None:
             log.debug("stream worker failed in %s", st.stage, exc_info=True)
             st.queue.fail(e)
     finally:
+        if st.compute is not None:  # a failure between a call and its update: let the call finish before freeing
+            torch.cuda.current_stream(st.device).wait_stream(st.compute)
         st.driver.close()
         st.release()
 

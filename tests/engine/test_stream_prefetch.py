@@ -88,9 +88,37 @@ def test_prefetch_with_a_live_update(engine, ref):
     assert first_new <= 1 + 2 * (W - O) + O  # window 0 (W frames), then at most B + 1 = 2 windows of W - O
 
 
-def test_prefetch_argument(engine, ref):
+def test_prefetch_error_names_the_stage(engine, ref, monkeypatch):
+    """A failure in a model call after a prefetch is reported in the denoise stage, and the frames
+    before it still arrive."""
+    calls = {"n": 0}
+    real = engine.stage2.model.denoise
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom in the UNet")
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine.stage2.model, "denoise", flaky)
+    engine.prepare(ref, flame=demo_sequence(seconds=1.0), views="ring-2", seed=5, realtime=False, steps=1,
+                   prefetch=True)
+    got = []
+    with pytest.raises(RuntimeError, match="boom") as info:
+        with engine.stream() as s:
+            for f in s:
+                got.append(f.index)
+    assert got == list(range(len(got))) and len(got) >= W
+    assert any("'denoise'" in n for n in getattr(info.value, "__notes__", []))
+
+
+def test_prefetch_argument(engine, ref, monkeypatch):
     with pytest.raises(ValueError, match="prefetch"):
         engine.prepare(ref, flame=demo_sequence(seconds=0.4), views="ring-2", prefetch="yes")
+    monkeypatch.setattr(engine.stage2, "backend", "compile")  # CUDA graphs of all networks share one pool
+    with pytest.raises(ValueError, match="compile backend"):
+        engine.prepare(ref, flame=demo_sequence(seconds=0.4), views="ring-2", prefetch=True)
+    monkeypatch.undo()
     engine.prepare(ref, flame=demo_sequence(seconds=0.4), views="ring-2")
     assert engine.settings.prefetch is False  # opt-in (README: its GPU parity test failed once)
     engine.prepare(ref, flame=demo_sequence(seconds=0.4), views="ring-2", prefetch=True)
@@ -120,4 +148,6 @@ def test_gpu_prefetch_on_a_compute_stream_gives_the_same_frames(ref):
     base, got = diff(plain, again), diff(plain, fetched)
     msg = f"plain vs plain: max {base[0]}, mean {base[1]:.4f}; plain vs prefetch: max {got[0]}, mean {got[1]:.4f}, " \
           f"per frame {got[2]}"
-    assert got[0] <= max(1, 2 * base[0]) and got[1] <= max(0.05, 2 * base[1]), msg
+    # cuBLAS promises bit-wise equal results only with one stream in use (its docs), so a few levels of
+    # rounding are allowed; a race moves whole windows by tens of levels
+    assert got[0] <= max(3, 2 * base[0]) and got[1] <= max(0.1, 2 * base[1]), msg

@@ -76,3 +76,25 @@ def test_a_failing_job_does_not_kill_the_worker():
     t0 = time.perf_counter()
     w.submit(time.sleep, 0.01).join(5)
     assert time.perf_counter() - t0 < 5
+
+
+def test_a_new_stream_waits_for_the_previous_run_then_refuses(engine, monkeypatch):
+    """A dropped or timed-out stream may still be in its model call: stream() waits for it, and raises
+    (rather than queueing silently behind it) when it does not end in time."""
+    class Stuck:
+        thread = None
+
+        def is_alive(self):
+            return True
+
+        def join(self, timeout=None):
+            pass
+
+    monkeypatch.setattr(stream_api, "JOIN_TIMEOUT_S", 0.01)
+    engine.prepare(REF, flame=demo_sequence(seconds=0.5), views="ring-2", seed=1, realtime=False, steps=1)
+    engine._last_job = Stuck()
+    with pytest.raises(RuntimeError, match="previous stream has not stopped"):
+        engine.stream()
+    engine._last_job = None
+    with engine.stream() as s:
+        assert list(s)
