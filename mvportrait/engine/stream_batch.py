@@ -407,8 +407,9 @@ def _update(st: StreamState, plan: StepPlan) -> None:
             plan.finished.append(w)
 
 
-def _emit(st: StreamState, w: _Window) -> bool:
-    """Decode a finished window's new frames and queue them; False when the queue was closed.
+def _emit(st: StreamState, w: _Window, first: int = 0, last: int | None = None) -> bool:
+    """Decode a finished window's new frames ``first`` .. ``last - 1`` (default: all) and queue them;
+    False when the queue was closed.
 
     Frames are decoded one at a time (all views of a frame in one decoder call, as
     ``FLAME2Video.decode`` does) and each is queued as soon as it is decoded, so the first frame of a
@@ -417,7 +418,7 @@ def _emit(st: StreamState, w: _Window) -> bool:
     lo, hi = w.emit_from - w.start, w.emit_to - w.start
     n_new = w.flame.num_frames
     n = hi - lo
-    for j in range(n):
+    for j in range(first, n if last is None else min(last, n)):
         st.stage = "decode"
         t0 = time.perf_counter()
         img = st.pipe.decoder.decode(w.final[:, lo + j])  # (V, 3, H, W)
@@ -433,27 +434,54 @@ def _emit(st: StreamState, w: _Window) -> bool:
         st.stage = "output"
         if not st.queue.put(frame, frame.timestamp):
             return False
-    w.final = w.x0 = None
+    if last is None or last >= n:
+        w.final = w.x0 = None
     return True
 
 
+def _launch(st: StreamState) -> StepPlan | None:
+    """Schedule the next model call and launch it (with prefetch: then admit the window after it)."""
+    plan = _schedule(st)
+    if plan is not None:
+        _execute(st, plan)
+        if st.settings.prefetch:
+            _prefetch(st)
+    return plan
+
+
 def run(st: StreamState) -> None:
-    """The worker thread: schedule -> execute -> update -> emit until done, closed or failed."""
+    """The worker thread: schedule -> execute -> update -> emit until done, closed or failed.
+
+    With ``prefetch`` the next model call is launched (on the compute stream) before a finished
+    window's frames after its first are decoded, so their decoding and delivery overlap that call
+    (each window's first frame still goes out before the launch: the first frame is not delayed).
+    """
     try:
         with torch.inference_mode():
+            plan = None
             while not st.stop.is_set():
                 t0 = time.perf_counter()
-                plan = _schedule(st)
                 if plan is None:
-                    break
-                _execute(st, plan)
-                if st.settings.prefetch:
-                    _prefetch(st)
+                    plan = _launch(st)
+                    if plan is None:
+                        break
                 _update(st, plan)
                 st.stats.busy_s += time.perf_counter() - t0
-                for w in plan.finished:
-                    if not _emit(st, w):
+                finished, plan = plan.finished, None
+                if st.settings.prefetch:
+                    if not all(_emit(st, w, last=1) for w in finished):
                         return
+                    if st.stop.is_set():
+                        break
+                    t0 = time.perf_counter()
+                    plan = _launch(st)
+                    st.stats.busy_s += time.perf_counter() - t0
+                    if not all(_emit(st, w, first=1) for w in finished):
+                        return
+                    if plan is None:
+                        break
+                elif not all(_emit(st, w) for w in finished):
+                    return
         st.queue.finish()
     except BaseException as e:  # noqa: BLE001 - every failure goes to the consumer
         if st.stop.is_set():
