@@ -21,7 +21,7 @@
 # sweep), LBS_SWEEP=0 (no LBS vertex-kernel launch sweep), KERNEL_BENCH=0 (no kernel benchmarks),
 # KERNEL_TESTS (the kernel test paths, default tests/kernels), E2E_ONLY=engine (end to end: the engine alone, rows in e2e*_engine_gpu.json), E2E_COMPILE=1 (also
 # sd15 + tiny decoder on the compile backend, e2e_sd15_compile_gpu.json), E2E_STEPS (which end-to-end runs: a comma
-# list of sd15, tiny, tinydecoder, cl, compile; default sd15,tiny,tinydecoder), MVP_TEXT_MODEL (a MiniLM
+# list of sd15, tiny, tinydecoder, cl, prefetch, compile; default sd15,tiny,tinydecoder), MVP_TEXT_MODEL (a MiniLM
 # folder for the end-to-end stage 1; default .gpucarry/minilm, else the hashing encoder: the same
 # stage-1 networks, a cheaper text encoder), the S2_* / D2_* settings in gpu_train.sh. The device call:
 #   run(command="bash benchmarks/gpu_suite.sh --train", timeout_s=600)
@@ -171,6 +171,7 @@ if [ "$BENCH" = 1 ]; then
     #   tinydecoder: sd15 with a tiny latent decoder of the shipped design (random weights: what one costs; the
     #     512^2 autoencoder decode is half of a frame set) and a 3-frame first window, the engine alone,
     #   cl: the same in channels_last (cuDNN's NHWC convolutions), the engine alone,
+    #   prefetch: the same with --prefetch on (admission and decode overlap the model call), the engine alone,
     #   compile: the same on the compile backend (torch.compile, mode reduce-overhead: inductor fusions and CUDA
     #     graphs around the UNet; compile time is excluded from the rates but not from this call's budget)
     STEPS=${E2E_STEPS:-sd15,tiny,tinydecoder}
@@ -186,6 +187,8 @@ if [ "$BENCH" = 1 ]; then
         --out benchmarks/results/e2e_sd15_tinydecoder_gpu.json
     has cl && e2e e2e_sd15_cl 90 $FAST --channels-last on --only engine \
         --out benchmarks/results/e2e_sd15_cl_gpu.json
+    has prefetch && e2e e2e_sd15_prefetch 90 $FAST --prefetch on --only engine \
+        --out benchmarks/results/e2e_sd15_prefetch_gpu.json
     has compile && e2e e2e_sd15_compile 230 $FAST --backend compile --only engine \
         --out benchmarks/results/e2e_sd15_compile_gpu.json
 fi

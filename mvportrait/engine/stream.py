@@ -87,7 +87,9 @@ render with the rasteriser's one host read, FLAME encoder, noise copies) right a
 call, which then runs on its own CUDA stream; the sampler update waits for it on the device. The
 admission's host time and synchronisations overlap the call instead of idling the device between calls.
 A window's buffers are written when it joins the batch, not when admitted, so nothing races the running
-call; the noise order, and therefore the frames, do not change (tested).
+call; the noise order, and therefore the frames, do not change (tested). In this mode the worker also
+launches the next call before decoding a finished window's frames after its first, so their decoding
+overlaps that call too (the first frame of each window still goes out before the launch).
 """
 from __future__ import annotations
 

@@ -106,3 +106,21 @@ def test_compile_row_only_when_asked(tmp_path):
     plain.mkdir()
     _, log, calls, _ = _run_suite(plain, "--no-tests")
     assert "bench_e2e.py" in calls.read_text() and "--backend compile" not in calls.read_text(), log
+
+
+def test_step_and_kernel_switches(tmp_path):
+    """E2E_STEPS picks the end-to-end runs (prefetch: the tiny-decoder run with --prefetch on), KERNEL_BENCH=0
+    skips the kernel benchmarks, the default kernel benchmark sweeps the LBS launches, KERNEL_TESTS narrows the
+    kernel tests."""
+    _, log, calls, _ = _run_suite(tmp_path, "--no-tests", E2E_STEPS="prefetch", KERNEL_BENCH="0")
+    starts = [ln for ln in calls.read_text().splitlines() if " START " in ln]
+    e2e = [ln for ln in starts if "bench_e2e.py" in ln]
+    assert e2e and all("--prefetch on" in ln and "e2e_sd15_prefetch_gpu.json" in ln for ln in e2e), log  # (+ retry)
+    assert not any("bench_kernels.py" in ln for ln in starts)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, log, calls, _ = _run_suite(other, E2E_STEPS="tiny", KERNEL_TESTS="tests/kernels/test_lbs.py")
+    starts = [ln for ln in calls.read_text().splitlines() if " START " in ln]
+    assert any("bench_kernels.py" in ln and "--lbs-sweep" in ln for ln in starts), log
+    kernel_tests = [ln for ln in starts if "-m pytest" in ln and "-m gpu" not in ln]
+    assert kernel_tests and all("tests/kernels/test_lbs.py" in ln for ln in kernel_tests), log
