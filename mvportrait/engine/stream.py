@@ -71,9 +71,9 @@ current model call), and every frame says which update ``revision`` it was made 
 
 **Output** goes through a bounded :class:`~.stream_queue.FrameQueue` (``lossless`` / ``latest``,
 pacing to ``fps`` with presentation timestamps, lateness report). Closing the stream (``close()``,
-leaving a ``with`` block, ``aclose()``, or dropping the iterator) stops the worker, frees the buffers
-and ends the stream's run on the engine's worker thread and its stage-1 thread; an exception raised in
-any stage is raised to the consumer. The worker thread itself is long-lived: one per engine runs all its
+leaving a ``with`` block, ``aclose()``, or dropping the iterator) stops the stream's run on the
+engine's worker thread and its stage-1 thread and frees the buffers; an exception raised in any stage
+is raised to the consumer. The worker thread itself is long-lived: one per engine runs all its
 streams (GPU libraries keep per-thread caches that a new thread would rebuild in its first model call;
 see ``_Worker``) and ends after ``WORKER_IDLE_S`` seconds without a stream.
 
@@ -82,8 +82,9 @@ per step pattern. A finished window is decoded one frame (all views) at a time a
 queued as soon as it is decoded, so the first frame does not wait for the rest of its window; its
 device-to-host copy is the only one (skipped with ``output="torch"``). Timings are host-side (on a GPU they measure launches, not kernels).
 
-**Prefetch** (``prepare(prefetch=True)``, opt-in until its GPU parity test passes): the worker admits the next window (stage 1,
-render with the rasteriser's one host read, FLAME encoder, noise copies) right after launching a model
+**Prefetch** (``prepare(prefetch=True)``, opt-in until its GPU parity test passes): the worker admits
+the next window (stage 1, render with the rasteriser's one host read, FLAME encoder, noise copies) right
+after launching a model
 call, which then runs on its own CUDA stream; the sampler update waits for it on the device. The
 admission's host time and synchronisations overlap the call instead of idling the device between calls.
 A window's buffers are written when it joins the batch, not when admitted, so nothing races the running
