@@ -182,9 +182,15 @@ class FLAME2Video:
     # ------------------------------------------------------------------------- reference
     @torch.inference_mode()
     def prepare(self, reference) -> ReferenceContext:
-        """Reference image (path, PIL image, or (3, H, W) tensor in [-1, 1]) -> ReferenceContext (once)."""
+        """Reference image (path, PIL image, or (3, H, W) tensor in [-1, 1]) -> ReferenceContext (once).
+
+        A :class:`ReferenceContext` this pipeline made before is returned as it is (checked against this
+        model): keep one per portrait and pass it to every stream of that portrait (``StreamingEngine.
+        prepare``) to skip the image loading and the reference network."""
         from mvportrait.data.images import load_reference_image
 
+        if isinstance(reference, ReferenceContext):
+            return self._check_context(reference)
         size = self.config.image_size
         if isinstance(reference, torch.Tensor):
             img = reference
@@ -201,6 +207,34 @@ class FLAME2Video:
         ctx = self.model.prepare_reference(img[None].to(self.device, self.dtype))
         self.last_timings.prepare_s = time.perf_counter() - t0
         return ctx
+
+    def _check_context(self, ctx: ReferenceContext) -> ReferenceContext:
+        """A given reference context must be one this pipeline's model makes: one portrait, its device, dtype
+        and token / cache shapes."""
+        t = ctx.image_tokens
+        if ctx.batch_size != 1:
+            raise ValueError(f"reference context must hold one portrait, got a batch of {ctx.batch_size}")
+        for name, x in (("latent", ctx.latent), ("image_tokens", t), ("null_tokens", ctx.null_tokens)):
+            if x.device != self.device or x.dtype != self.dtype:
+                raise ValueError(f"reference context {name} is {x.dtype} on {x.device}; this pipeline runs "
+                                 f"{self.dtype} on {self.device} (make it with this pipeline's prepare())")
+        ref = self._context_shapes()
+        got = (tuple(ctx.latent.shape), tuple(t.shape), len(ctx.cache.keys or ctx.cache.hidden or ()))
+        if got != ref:
+            raise ValueError(f"reference context does not fit this model: latent / tokens / cache layers {got}, "
+                             f"expected {ref} (made by another model?)")
+        return ctx
+
+    def _context_shapes(self) -> tuple:
+        """(latent shape, image-token shape, cache layers) of this model's contexts, from one made once."""
+        if getattr(self, "_ctx_shapes", None) is None:
+            size = self.config.image_size
+            with torch.inference_mode():
+                probe = self.model.prepare_reference(torch.zeros(1, 3, size, size, device=self.device,
+                                                                 dtype=self.dtype))
+            self._ctx_shapes = (tuple(probe.latent.shape), tuple(probe.image_tokens.shape),
+                                len(probe.cache.keys or probe.cache.hidden or ()))
+        return self._ctx_shapes
 
     # -------------------------------------------------------------------------- conditions
     def model_frames(self, flame: FlameParams) -> torch.Tensor:

@@ -348,6 +348,9 @@ class StreamingEngine:
         """All per-stream setup, once: reference K/V cache, text encoding, stage-1 look-ahead, cameras,
         schedules and the stream-batch buffers. Then :meth:`stream`.
 
+        ``reference``: the portrait (path, PIL image, (3, H, W) tensor in [-1, 1]), or the
+        :class:`~mvportrait.models.stage2.ReferenceContext` ``engine.stage2.prepare(portrait)`` returned:
+        streams of one portrait can share it and skip the image loading and the reference network.
         Drive with text (``prompt``, split into motion and emotion; ``motion`` / ``emotion`` override a
         part) or a FLAME sequence (``flame``, finite). ``shape`` (n_shape,) identity for text driving
         (zeros: the mean head). ``views``: a rig spec (``ring-4``, ``yaws:0,45``, ...) or

@@ -1,6 +1,7 @@
 """Streaming runtime: one long-lived worker thread per engine runs its streams (GPU libraries keep
 per-thread caches, e.g. PyTorch's cuDNN plans, that a new thread per stream would rebuild), and it ends
 after an idle time."""
+import dataclasses
 import threading
 import time
 
@@ -98,3 +99,30 @@ def test_a_new_stream_waits_for_the_previous_run_then_refuses(engine, monkeypatc
     engine._last_job = None
     with engine.stream() as s:
         assert list(s)
+
+
+def test_a_prepared_reference_context_is_reused_across_streams(engine, monkeypatch):
+    """prepare(reference=ReferenceContext): the same frames as from the image, without running the
+    reference network again; a context of another model, device or batch is refused."""
+    ctx = engine.stage2.prepare(REF)
+    runs = []
+    real = engine.stage2.model.prepare_reference
+    monkeypatch.setattr(engine.stage2.model, "prepare_reference", lambda *a, **k: (runs.append(1), real(*a, **k))[1])
+    from_image, _ = _stream(engine)
+    assert len(runs) == 1
+    kw = dict(flame=demo_sequence(seconds=0.5), views="ring-2", seed=1, realtime=False, steps=1)
+    engine.stage2._ctx_shapes = None  # (the module-scoped pipeline may have probed before)
+    engine.prepare(ctx, **kw)
+    with engine.stream() as s:
+        from_ctx = list(s)
+    assert len(runs) == 2  # one shape probe the first time a context is given, no reference run per stream
+    engine.prepare(ctx, **kw)
+    assert len(runs) == 2
+    assert [f.index for f in from_ctx] == [f.index for f in from_image]
+    for a, b in zip(from_image, from_ctx):
+        assert (a.views == b.views).all()
+    for bad, match in ((dataclasses.replace(ctx, latent=ctx.latent.repeat(2, 1, 1, 1)), "one portrait"),
+                       (ctx.to(dtype=torch.float64), "float64"),
+                       (dataclasses.replace(ctx, image_tokens=ctx.image_tokens[:, :1]), "does not fit")):
+        with pytest.raises(ValueError, match=match):
+            engine.prepare(bad, **kw)
