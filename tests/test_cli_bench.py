@@ -37,6 +37,7 @@ def test_bench_e2e_micro_writes_rows_and_profile(tmp_path, capsys):
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert eng["dtype"] == ("bfloat16" if bf16 else "float32")  # --engine-dtype auto: the fast CPU setting
     assert by[("naive", "fps")]["config"]["dtype"] == "float32"
+    assert by[("engine", "first_frame")]["config"]["first_frame_prepared_reference_s"] > 0
     synced = by[("engine", "first_frame")]["config"]["first_frame_synced_ms"]  # window 0 in one thread
     assert set(synced) == {"prepare_s", "admit_s", "model_launch_s", "model_wait_s", "model_again_s",
                            "model_after_reference_s", "update_s", "decode_s", "total_s"}
