@@ -417,8 +417,8 @@ def first_frame_synced(engine, m, args, profile_first_call: dict | None = None) 
     after it; the sampler updates; the first frame's decode to host uint8. Against the threaded
     stream's first frame this separates device work from host / thread overheads. ``model_again_s``: the
     first model call repeated at once on the same inputs (synchronised; its result is dropped), so a
-    cost of a stream's first call shows as the difference; ``model_after_reference_s``: the same call
-    once more after a run of the reference network (what ``prepare`` runs). ``profile_first_call``: a dict that receives
+    cost of a stream's first call shows as the difference (session 9 on an H200 also timed the call after
+    a reference-network run, 100 ms: no cache eviction, so that probe was dropped). ``profile_first_call``: a dict that receives
     a torch.profiler table (host and device) of window 0's first model call under ``"table"``. With
     ``--prefetch on`` the calls run on the compute stream as in a stream, but nothing is prefetched here
     (window 0 has no predecessor call to overlap)."""
@@ -456,12 +456,6 @@ def first_frame_synced(engine, m, args, profile_first_call: dict | None = None) 
                 sb._execute(st, plan)
                 _sync(dev)
                 parts["model_again_s"] = time.perf_counter() - t
-                st.pipe.prepare(m["reference"])  # the reference network once more (as prepare runs it) ...
-                _sync(dev)
-                t = time.perf_counter()
-                sb._execute(st, plan)  # ... then the same call: slow again if the reference run evicts a cache
-                _sync(dev)
-                parts["model_after_reference_s"] = time.perf_counter() - t
                 plan.out = out
             t = time.perf_counter()
             sb._update(st, plan)

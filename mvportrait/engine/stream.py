@@ -185,12 +185,12 @@ class _Worker:
 class FrameStream:
     """The frames of a running stream: an iterator and an async iterator; ``close()`` stops it."""
 
-    def __init__(self, state: StreamState, worker: _Worker | None = None):
+    def __init__(self, state: StreamState, worker: _Worker):
         self._state = state
         self._queue = state.queue
         self._closed = False
         # the worker holds the state, never this object: dropping the iterator closes the stream
-        self._job = (worker or _Worker()).submit(run, state)
+        self._job = worker.submit(run, state)
 
     @property
     def stats(self) -> StreamStats:

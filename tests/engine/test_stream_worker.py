@@ -84,18 +84,20 @@ def test_a_new_stream_waits_for_the_previous_run_then_refuses(engine, monkeypatc
     (rather than queueing silently behind it) when it does not end in time."""
     class Stuck:
         thread = None
+        joins: list = []
 
         def is_alive(self):
             return True
 
         def join(self, timeout=None):
-            pass
+            self.joins.append(timeout)
 
     monkeypatch.setattr(stream_api, "JOIN_TIMEOUT_S", 0.01)
     engine.prepare(REF, flame=demo_sequence(seconds=0.5), views="ring-2", seed=1, realtime=False, steps=1)
     engine._last_job = Stuck()
     with pytest.raises(RuntimeError, match="previous stream has not stopped"):
         engine.stream()
+    assert Stuck.joins == [0.01]  # it waited the join time before refusing
     engine._last_job = None
     with engine.stream() as s:
         assert list(s)
