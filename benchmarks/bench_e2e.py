@@ -360,7 +360,7 @@ def run_engine(args, m: dict) -> dict:
     mean = lambda name: sum(getattr(t, name) for t in timings) / n  # noqa: E731
     # the first frame's path: prepare, then window 0 (its frames share its stage-1 / render / denoise
     # costs: scaled back to the window), the first frame's decode, and admit -> queued in all
-    n0 = min(getattr(args, "first_window", None) or m["window"], n)
+    n0 = min(engine.settings.first_window or m["window"], n)
     t = timings[0]
     first_parts = dict(prepare_s=t_prep, stage1_s=t.stage1_s * n0, render_s=t.render_s * n0,
                        denoise_s=t.denoise_s * n0, decode_s=t.decode_s, admit_to_queued_s=t.latency_s)
@@ -368,6 +368,7 @@ def run_engine(args, m: dict) -> dict:
                first_parts=first_parts,
                stages=stages, steps=m["steps"], stage1_steps=m["stage1_steps"], guidance=m["guidance"],
                stream_batch=engine.settings.stream_batch, mean_batch=stats.mean_batch,
+               first_window=engine.settings.first_window,
                prefetch=engine.settings.prefetch,
                frame_timings={k: mean(k) for k in ("stage1_s", "render_s", "denoise_s", "decode_s", "latency_s")})
     # on the engine's worker thread, where its streams run (per-thread GPU library caches are warm there)
@@ -644,7 +645,7 @@ def make_rows(args, dev, res: dict) -> list[dict]:
                    dtype=r["dtype"], decoder=r.get("decoder", "full"), channels_last=r.get("channels_last", False))
         if which == "engine":
             cfg.update(engine_model=r["engine_model"], stage1_model=r["stage1"], stream_batch=r["stream_batch"],
-                       first_window=getattr(args, "first_window", None) or r["window"],
+                       first_window=r.get("first_window") or getattr(args, "first_window", None) or r["window"],
                        prefetch=r.get("prefetch"),
                        mean_batch=round(r["mean_batch"], 2))
         else:

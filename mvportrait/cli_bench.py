@@ -35,8 +35,8 @@ def add_e2e_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="engine stage-2 sampler: auto (a student's consistency sampler when there is one or the "
                         "weights are random, else teacher DDIM), consistency, ddim")
     p.add_argument("--first-window", type=int,
-                   help="the engine's first stage-2 window in frames (overlap+1 .. the window; default the window): "
-                        "a cheaper first call, the first frame sooner")
+                   help="the engine's first stage-2 window in frames (overlap+1 .. the window; default as the "
+                        "stream's: overlap+1): fewer frames, a cheaper first call, the first frame sooner")
     p.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
                    help="engine: admit the next window while the model call runs, the call on its own CUDA stream "
                         "(auto: off, as prepare's default)")

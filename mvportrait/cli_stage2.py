@@ -282,6 +282,8 @@ def cmd_eval_stage2(args) -> int:
         raise cli.CliError("--n must be >= 1 and --steps in [1, 1000]")
     if args.pictures < 0:
         raise cli.CliError(f"--pictures must be >= 0, got {args.pictures}")
+    if args.frames is not None and args.frames < 1:
+        raise cli.CliError(f"--frames must be >= 1, got {args.frames}")
     picture = args.picture if args.pictures and args.picture else None
     if picture and not Path(picture).resolve().parent.is_dir():  # before the evaluation, not after it
         raise cli.CliError(f"cannot write {picture}: directory {Path(picture).parent} does not exist "
@@ -291,12 +293,15 @@ def cmd_eval_stage2(args) -> int:
     pipe = FLAME2Video.from_pretrained(args.weights, student=args.student, device=args.device, dtype=dtype_arg(args),
                                        decoder=decoder_arg(args))
     steps = pipe.default_steps if args.steps is None else args.steps
+    if args.first_window is not None and not pipe.overlap < args.first_window <= pipe.window:
+        raise cli.CliError(f"--first-window must be in [{pipe.overlap + 1}, {pipe.window}] (overlap + 1 .. the "
+                           f"model's window), got {args.first_window}")
     from tqdm import tqdm
 
     bar = tqdm(total=args.n, desc="eval stage2 (held-out identities)", disable=args.quiet or None, file=sys.stderr)
     report, pics = evaluate_stage2(pipe, n=args.n, steps=steps, guidance=args.guidance, seed=args.seed,
                                    on_clip=lambda i, m: (bar.update(1), bar.set_postfix(psnr=f"{m['psnr']:.1f}")),
-                                   keep=args.pictures)
+                                   keep=args.pictures, frames=args.frames, first_window=args.first_window)
     bar.close()
     report.update({"weights": str(getattr(pipe, "path", args.weights)), "device": args.device,
                    "sampler": type(pipe.sampler).__name__, "student": pipe.is_student, "decoder": pipe.decoder_kind,
@@ -378,6 +383,10 @@ def register(sub, train_sub, eval_sub) -> None:
     s.add_argument("--steps", type=int, help="sampling steps (default: 25 DDIM steps for the teacher, the "
                                              "student's default_steps for a student)")
     s.add_argument("--decoder", default="full", help=DECODER_HELP)
+    s.add_argument("--frames", type=int, help="clip length in frames (default the model's window; longer clips "
+                                              "run in overlapping windows, as generate and stream do)")
+    s.add_argument("--first-window", type=int, help="frames of window 0 (overlap+1 .. window; default the "
+                                                    "window), as stream --first-window")
     s.add_argument("--guidance", type=float)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")

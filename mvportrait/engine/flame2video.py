@@ -307,12 +307,19 @@ class FLAME2Video:
     @torch.inference_mode()
     def generate_from_maps(self, ctx: ReferenceContext, maps: torch.Tensor, *, steps: int | None = None,
                            guidance: float | None = None, seed: int = 0,
-                           on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                           on_progress: Callable[[int, int], None] | None = None,
+                           first_window: int | None = None) -> torch.Tensor:
         """Frames (T, V, H, W, 3) uint8 from conditioning maps (1, V, T, 5, H, W) (any cameras: the
-        maps carry the geometry) and a prepared reference; windows as in the module docstring."""
+        maps carry the geometry) and a prepared reference; windows as in the module docstring.
+        ``first_window``: frames of window 0, ``overlap + 1`` .. ``window`` (default the window), as the
+        streaming engine's ``prepare(first_window=)``: later windows keep the window's length and start
+        ``window - first_window`` frames earlier (what a short first window does to quality is measured
+        with ``mvportrait eval stage2 --frames N --first-window W1``)."""
         steps = self.default_steps if steps is None else steps
         _check_int("steps", steps, 1, 1000)
         _check_int("seed", seed, 0)
+        w1 = self.window if first_window is None else _check_int("first_window", first_window, self.overlap + 1,
+                                                                  self.window)
         guidance = float(self.config.guidance if guidance is None else guidance)
         if not math.isfinite(guidance) or guidance < 0:
             raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
@@ -324,15 +331,16 @@ class FLAME2Video:
         _, nv, total = maps.shape[:3]
         w, o = self.window, self.overlap
         hop = w - o
-        n_windows = 1 if total <= w else 1 + math.ceil((total - w) / hop)
-        shape = self.model.latent_shape(1, views=nv, frames=w)
+        n_windows = 1 if total <= w1 else 1 + math.ceil((total - w1) / hop)
         g = torch.Generator().manual_seed(seed)
         done, total_steps = 0, n_windows * steps
         lat_all = None
         t0 = time.perf_counter()
         for k in range(n_windows):
-            start = k * hop
-            sel = torch.clamp(torch.arange(start, start + w), max=total - 1)
+            start = 0 if k == 0 else k * hop - (w - w1)  # window 0 has w1 frames, the others w
+            n = w1 if k == 0 else w
+            shape = self.model.latent_shape(1, views=nv, frames=n)
+            sel = torch.clamp(torch.arange(start, start + n), max=total - 1)
             feats = self.model.encode_renders(maps[:, :, sel.to(maps.device)])
             known = mask = None
             if lat_all is not None:

@@ -58,7 +58,7 @@ class StreamSettings:
     output: str
     frames: int | None  # total frames (None: until closed)
     fast_start: bool = True  # the first window denoises alone (lower time to first frame)
-    first_window: int | None = None  # frames of window 0 (None: the model's window; fewer needs fast_start)
+    first_window: int | None = None  # frames of window 0 (prepare sets it; None: the model's window)
     prefetch: bool = False  # admit the next window while the device runs a model call (see _prefetch)
 
 
@@ -250,8 +250,10 @@ def _admit(st: StreamState) -> _Window | None:
     slot = k % st.settings.stream_batch
     t2 = time.perf_counter()
     # all of the window's noise now, in the order _Sampler.sample draws it: start latents, overlap noise
-    # at t0, then per step the step's own noise (stochastic samplers) and the overlap noise at prev_t
-    shape = st.x_buf.shape[1:]
+    # at t0, then per step the step's own noise (stochastic samplers) and the overlap noise at prev_t; in
+    # the window's own length (a shorter window 0 too), so the offline pipeline with the same first_window
+    # draws the same numbers
+    shape = (st.x_buf.shape[1], W, *st.x_buf.shape[3:])
     g = st.generator
 
     def draw():
@@ -281,7 +283,7 @@ def _place(st: StreamState, w: _Window) -> None:
         st.f_buf = torch.zeros(st.settings.stream_batch, w.feats.shape[0], st.W, *w.feats.shape[2:],
                                device=st.device, dtype=st.dtype)
     st.f_buf[w.slot, :, :w.frames] = w.feats
-    st.x_buf[w.slot] = w.x_T
+    st.x_buf[w.slot, :, :w.frames] = w.x_T
     if w.index:
         st.x_buf[w.slot, :, :st.O] = st.sampler.schedule.add_noise(_known(st, w.index), w.noise[0], st.pairs[0][0])
     w.feats = w.x_T = None

@@ -33,15 +33,23 @@ def _to01(x: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def evaluate_stage2(pipe, *, n: int = 8, steps: int = 25, guidance: float | None = None, seed: int = 0,
                     corpus_seed: int = 0, frame_stride: int | None = None, rig: str = "",
-                    on_clip: Callable[[int, dict], None] | None = None, keep: int = 1) -> tuple[dict, list]:
+                    on_clip: Callable[[int, dict], None] | None = None, keep: int = 1,
+                    frames: int | None = None, first_window: int | None = None) -> tuple[dict, list]:
     """Metrics over ``n`` held-out clips; returns (report dict, first ``keep`` (gt, gen) uint8 pairs
-    of shape (T, V, H, W, 3) for pictures). ``rig``: the corpus rig (default ``ring-{views}``)."""
+    of shape (T, V, H, W, 3) for pictures). ``rig``: the corpus rig (default ``ring-{views}``).
+    ``frames``: clip length (default the model's window; longer clips run in overlapping windows, and
+    ``first_window`` sets window 0's length as in :meth:`FLAME2Video.generate_from_maps`); the report's
+    ``psnr_per_frame`` shows what a window seam does."""
     from mvportrait.data.multiview import MultiViewCorpus
 
     cfg = pipe.config
     stride = frame_stride or max(1, int(round(25.0 / pipe.fps)))
+    frames = cfg.frames if frames is None else frames
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames must be an int >= 1, got {frames!r}")
     corpus = MultiViewCorpus(split="test", seed=corpus_seed, image_size=cfg.image_size, views=cfg.views,
-                             frames=cfg.frames, frame_stride=stride, rig=rig)
+                             frames=frames, frame_stride=stride, rig=rig)
+    per_frame_psnr = []
     per_view_psnr, per_view_ssim, ae_psnr, ae_ssim = [], [], [], []
     vc_gen, vc_gt, flick = [], [], []
     sampler_s, frames_total = 0.0, 0
@@ -51,13 +59,15 @@ def evaluate_stage2(pipe, *, n: int = 8, steps: int = 25, guidance: float | None
         ctx = pipe.prepare(s["reference"])
         maps = s["renders"][None]  # (1, V, F, 5, H, W)
         t0 = time.perf_counter()
-        gen = pipe.generate_from_maps(ctx, maps, steps=steps, guidance=guidance, seed=seed + i)  # (F, V, H, W, 3)
+        gen = pipe.generate_from_maps(ctx, maps, steps=steps, guidance=guidance, seed=seed + i,
+                                      first_window=first_window)  # (F, V, H, W, 3)
         sampler_s += time.perf_counter() - t0
         frames_total += gen.shape[0]
         gen01 = gen.permute(1, 0, 4, 2, 3).float() / 255.0  # (V, F, 3, H, W)
         gt01 = _to01(s["target"])  # (V, F, 3, H, W)
         per_view_psnr.append(psnr(gen01, gt01).mean(1))  # (V,)
         per_view_ssim.append(ssim(gen01, gt01).mean(1))
+        per_frame_psnr.append(psnr(gen01, gt01).mean(0))  # (F,)
         lat = pipe.model.autoencoder.encode(s["target"].flatten(0, 1).to(pipe.device, pipe.dtype))
         rec = _to01(pipe.model.autoencoder.decode(lat).float().cpu()).reshape(gt01.shape)
         ae_psnr.append(psnr(rec, gt01).mean())
@@ -75,11 +85,13 @@ def evaluate_stage2(pipe, *, n: int = 8, steps: int = 25, guidance: float | None
     pv_ssim = torch.stack(per_view_ssim)
     mean = lambda xs, k: float(np.mean([float(x[k]) for x in xs]))  # noqa: E731
     report = {
-        "clips": n, "views": cfg.views, "frames": cfg.frames, "image_size": cfg.image_size, "steps": steps,
+        "clips": n, "views": cfg.views, "frames": frames, "image_size": cfg.image_size, "steps": steps,
+        "window": pipe.window, "overlap": pipe.overlap, "first_window": first_window or pipe.window,
         "guidance": float(cfg.guidance if guidance is None else guidance), "seed": seed, "fps": pipe.fps,
         "psnr": float(pv_psnr.mean()), "ssim": float(pv_ssim.mean()),
         "psnr_per_view": [round(float(x), 3) for x in pv_psnr.mean(0)],
         "ssim_per_view": [round(float(x), 4) for x in pv_ssim.mean(0)],
+        "psnr_per_frame": [round(float(x), 3) for x in torch.stack(per_frame_psnr).mean(0)],
         "autoencoder_psnr": float(torch.stack(ae_psnr).mean()), "autoencoder_ssim": float(torch.stack(ae_ssim).mean()),
         "view_consistency": float(np.nanmean(vc_gen)), "view_consistency_gt": float(np.nanmean(vc_gt)),
         "flicker_gen": mean(flick, "gen_diff"), "flicker_gt": mean(flick, "gt_diff"),

@@ -60,11 +60,14 @@ def test_short_first_window_layout_and_continuity(engine, ref, monkeypatch, firs
     assert windows[-1][0] + windows[-1][1] >= total
 
 
-def test_first_window_of_the_full_length_is_the_default(engine, ref, monkeypatch):
+def test_default_first_window_is_overlap_plus_one_with_fast_start(engine, ref, monkeypatch):
     a, calls_a, _ = _run(engine, ref, monkeypatch, steps=2)
-    b, calls_b, _ = _run(engine, ref, monkeypatch, steps=2, first_window=W)
-    assert calls_a == calls_b and calls_a[0] == W
+    assert engine.settings.first_window == O + 1
+    b, calls_b, _ = _run(engine, ref, monkeypatch, steps=2, first_window=O + 1)
+    assert calls_a == calls_b and calls_a[:2] == [O + 1] * 2
     assert all((x.views == y.views).all() for x, y in zip(a, b)) and len(a) == len(b)
+    c, calls_c, _ = _run(engine, ref, monkeypatch, steps=2, fast_start=False)  # windows enter together: W
+    assert engine.settings.first_window == W and calls_c[0] == W
 
 
 def test_stream_no_longer_than_the_first_window(engine, ref, monkeypatch):
@@ -82,3 +85,45 @@ def test_stream_no_longer_than_the_first_window(engine, ref, monkeypatch):
 def test_first_window_checks(engine, ref, kw, message):
     with pytest.raises(ValueError, match=message):
         engine.prepare(ref, flame=demo_sequence(seconds=0.4), views="ring-2", realtime=False, **kw)
+
+
+@pytest.mark.parametrize("first, steps, stream_batch", [(2, 1, None), (3, 2, 1), (4, 1, None)])
+def test_stream_equals_the_offline_pipeline_with_the_same_first_window(engine, ref, monkeypatch, first, steps,
+                                                                       stream_batch):
+    """One step, or one window at a time: the stream's windows (a shorter window 0 included) draw the offline
+    pipeline's noise, so ``generate_from_maps(first_window=)`` gives the same frames and final latents."""
+    pipe = engine.stage2
+    fp = demo_sequence(seconds=0.8)
+    maps, _ = pipe.render_conditions(fp, "ring-2")
+    ctx = pipe.prepare(ref)
+    finals = []
+    real = pipe.decode
+    monkeypatch.setattr(pipe, "decode", lambda z: (finals.append(z.clone()), real(z))[1])
+    offline = pipe.generate_from_maps(ctx, maps, steps=steps, seed=3, first_window=first)
+    monkeypatch.undo()
+    frames, calls, windows = _run(engine, ref, monkeypatch, first_window=first, steps=steps,
+                                  stream_batch=stream_batch)
+    video = torch.stack([torch.as_tensor(f.views) for f in frames])
+    assert video.shape == offline.shape and calls[0] == first
+    diff = (video.int() - offline.int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 0.01
+    z_off = finals[0][0]  # (V, T, C, h, w): the offline latents of every frame
+    for start, n, z in windows:  # each streamed window's final latents are the offline frames' latents
+        n = min(n, z_off.shape[1] - start)
+        assert (z[:, :n] - z_off[:, start:start + n]).abs().max() < 2e-5
+
+
+def test_offline_first_window_layout_and_checks(engine, ref):
+    pipe = engine.stage2
+    maps, _ = pipe.render_conditions(demo_sequence(seconds=0.8), "ring-2")
+    ctx = pipe.prepare(ref)
+    default = pipe.generate_from_maps(ctx, maps, steps=1, seed=3)
+    assert torch.equal(default, pipe.generate_from_maps(ctx, maps, steps=1, seed=3, first_window=W))
+    short = pipe.generate_from_maps(ctx, maps, steps=1, seed=3, first_window=2)
+    assert short.shape == default.shape and not torch.equal(short, default)
+    t = pipe.last_timings.extra
+    total = maps.shape[2]
+    assert t["windows"] == 1 + -(-(total - 2) // (W - O))  # 2 frames, then windows of W starting W - 2 earlier
+    for bad in (O, W + 1, 2.5, True):
+        with pytest.raises(ValueError, match="first_window"):
+            pipe.generate_from_maps(ctx, maps, steps=1, first_window=bad)
