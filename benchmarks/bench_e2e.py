@@ -197,7 +197,7 @@ def load_models(args, which: str = "both") -> dict:
     kw = {"fps": fps} if fps else {}
     window = model.config.frames
     overlap = min(2, window - 1)
-    teacher = FLAME2Video(model, overlap=overlap, backend="torch", **kw)
+    teacher = FLAME2Video(model, overlap=overlap, backend="torch", channels_last=False, **kw)  # plain NCHW
     # the engine's stage 2
     engine_note = ""
     kw["channels_last"] = {"auto": None, "on": True, "off": False}[getattr(args, "channels_last", "auto")]

@@ -59,8 +59,8 @@ def add_e2e_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "a random tiny decoder of the shipped design, what it costs); the naive pipeline always "
                         "uses the autoencoder's")
     p.add_argument("--channels-last", default="auto",
-                   help="the engine's stage-2 memory format: auto (channels_last where it measurably pays: bfloat16 "
-                        "on a CPU), on, off")
+                   help="the engine's stage-2 memory format: auto (channels_last where it measurably pays: on a "
+                        "CPU, bfloat16 or float32), on, off")
     p.add_argument("--text-model", help="stage-1 text encoder: minilm, hashing or a local model folder")
     p.add_argument("--prompt", default="nods slowly, then smiles happily")
     p.add_argument("--seed", type=int, default=0)

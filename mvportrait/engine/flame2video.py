@@ -35,10 +35,12 @@ the same for all of them. ``cache`` is the artifact cache exports and engines co
 
 Precision: ``from_pretrained(dtype=torch.bfloat16)`` runs every stage-2 network in bfloat16 (weights
 and activations). On a CPU with bfloat16 instructions (oneDNN; AVX512-BF16 / AMX) it is the fast
-setting: the pipeline then also puts the networks in ``channels_last`` memory format
-(``channels_last=None``: only there, where it measurably pays; True / False force it). The frames
-stay within a few levels of float32 (tested; ``mvportrait eval stage2 --dtype bfloat16`` measures the
-quality).
+setting. The frames stay within a few levels of float32 (tested; ``mvportrait eval stage2 --dtype
+bfloat16`` measures the quality). Memory format: on a CPU (torch / compile backends) the pipeline puts
+the networks in ``channels_last`` (``channels_last=None``; True / False force it): oneDNN's convolutions
+run faster on it, bfloat16 (~1.2x end to end on an AVX512-BF16 CPU) and float32 alike (an AVX2 CPU, one
+process alternating both: UNet call 1.08x, tiny decoder 1.31x, FLAME encoder 1.34x); float32 frames
+change by rounding only (tested).
 
 Identity: the FLAME shape of the sequence (``FlameParams.shape``) drives the geometry; for a
 reference whose shape is unknown, zeros (the mean head) are used. The shipped default reference
@@ -102,8 +104,8 @@ class FLAME2Video:
 
         self.backend = resolve_backend("stage2", backend)
         p = next(model.parameters())
-        if channels_last is None:  # where it pays: oneDNN's bfloat16 convolutions on a CPU (~1.2x end to end)
-            channels_last = p.device.type == "cpu" and p.dtype == torch.bfloat16 and self.backend in ("torch", "compile")
+        if channels_last is None:  # where it pays: oneDNN's convolutions on a CPU (module docstring)
+            channels_last = p.device.type == "cpu" and self.backend in ("torch", "compile")
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.channels_last = bool(channels_last)
