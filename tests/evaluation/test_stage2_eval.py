@@ -47,3 +47,34 @@ def test_cli_eval_stage2_picture_checked_first_and_optional(stage2_micro_run, tm
     pic = tmp_path / "p.png"
     assert main(args + ["--out", str(tmp_path / "c.json"), "--pictures", "1", "--picture", str(pic)]) == 0
     assert pic.is_file() and str(pic) in capsys.readouterr().out
+
+
+def test_longer_clips_in_windows_and_their_checks(stage2_micro_run, tmp_path, capsys, monkeypatch):
+    """--frames: clips longer than the model's window run in overlapping windows (per-frame PSNR in the
+    report); --first-window is checked against the model's overlap and window before any clip runs."""
+    import json
+
+    import pytest
+
+    from mvportrait.cli import main
+
+    out, _ = stage2_micro_run
+    pipe = FLAME2Video.from_pretrained(out / "final", overlap=1)  # window 2, overlap 1
+    report, _ = evaluate_stage2(pipe, n=1, steps=1, keep=0, frames=5, first_window=2)
+    assert report["frames"] == 5 and report["first_window"] == 2 and report["window"] == 2
+    assert len(report["psnr_per_frame"]) == 5 and all(0 < x < 60 for x in report["psnr_per_frame"])
+    assert pipe.last_timings.extra["windows"] == 4 and pipe.last_timings.extra["frames"] == 5
+    with pytest.raises(ValueError, match="frames"):
+        evaluate_stage2(pipe, n=1, steps=1, frames=0)
+
+    load = FLAME2Video.from_pretrained.__func__
+    monkeypatch.setattr(FLAME2Video, "from_pretrained", classmethod(lambda cls, *a, **k: load(cls, *a, overlap=1, **k)))
+    args = ["eval", "stage2", "--weights", str(out / "final"), "--n", "1", "--steps", "1", "--threads", "1", "--quiet",
+            "--pictures", "0"]
+    for bad, word in ((["--frames", "0"], "--frames"), (["--first-window", "3"], "--first-window"),
+                      (["--first-window", "1"], "--first-window")):
+        assert main(args + ["--out", str(tmp_path / "bad.json")] + bad) == 2
+        assert word in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+    assert main(args + ["--out", str(tmp_path / "r.json"), "--frames", "4", "--first-window", "2"]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["frames"] == 4 and len(r["psnr_per_frame"]) == 4 and r["first_window"] == 2
