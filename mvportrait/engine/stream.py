@@ -450,8 +450,9 @@ class StreamingEngine:
         if old is not None and not old.started:
             old.driver.close()
         self.state = StreamState(pipe, self.settings, ctx, driver, cameras, stats)
-        log.info("stream prepared in %.2f s: %s views, window %d (overlap %d), %d steps, stream batch %d, %.4g fps",
-                 time.perf_counter() - t0, self.state.views, pipe.window, pipe.overlap, steps, stream_batch, fps)
+        log.info("stream prepared in %.2f s: %s views, window %d (overlap %d, first window %d), %d steps, "
+                 "stream batch %d, %.4g fps", time.perf_counter() - t0, self.state.views, pipe.window, pipe.overlap,
+                 first_window, steps, stream_batch, fps)
         return self
 
     # ------------------------------------------------------------------------------------ streaming
