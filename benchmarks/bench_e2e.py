@@ -13,8 +13,9 @@ Both pipelines turn the same prompt into ``--frames`` frames of ``--views`` view
   call per step) else the teacher with few DDIM steps ([cond; uncond] batched), reference K/V cached once,
   views and windows batched, stream batch, fast kernels (C++ rasterizer on CPU, Triton on GPU), stage 1
   in a look-ahead thread, ``--backend`` for stage 2, stage 2 in ``--engine-dtype`` (auto, as ``generate`` /
-  ``stream``: bfloat16 with the torch / compile backend on CUDA or on a CPU with oneDNN bfloat16 kernels
-  (channels_last there), else float32; the naive pipeline stays in ``--dtype``, float32 on CPU). With random weights (sd15, micro) the engine runs
+  ``stream``: bfloat16 with the torch / compile backend on CUDA or on a CPU with oneDNN bfloat16 kernels,
+  else float32; channels_last on a CPU, ``--channels-last``; the naive pipeline stays in ``--dtype``, float32
+  on CPU, NCHW). With random weights (sd15, micro) the engine runs
   the consistency sampler on the same network: what a student of that preset costs.
 
 Measured per pipeline (each in its own process unless ``--no-isolate``, after a short warm-up):
@@ -162,7 +163,7 @@ def _random_tiny_decoder(model):
                                          blocks=blocks))
 
 
-def load_models(args, which: str = "both") -> dict:
+def load_models(args, which: str) -> dict:
     """The naive pipeline's teacher, the engine's stage 2 (student / stand-in / teacher), both stage 1s.
 
     ``which`` = "naive" or "engine" (each pipeline's own process): the other pipeline's stage-2 networks are
@@ -170,6 +171,8 @@ def load_models(args, which: str = "both") -> dict:
     from mvportrait.engine.flame2video import DEFAULT_REFERENCE, DEFAULT_WEIGHTS, FLAME2Video
     from mvportrait.models.stage2 import FLAME2VideoModel
 
+    if which not in ("naive", "engine"):  # one pipeline per call: an engine in channels_last converts the
+        raise ValueError(f"which must be 'naive' or 'engine', got {which!r}")  # module it shares in place
     dev = _device(args)
     dtype, engine_dtype = _dtype(args, dev), _engine_dtype(args, dev)
     if args.threads:
@@ -218,14 +221,14 @@ def load_models(args, which: str = "both") -> dict:
         engine_note = ("consistency sampler on the same network (random weights: what a student costs)"
                        if random_weights else "teacher network with a consistency sampler (no student shipped)")
     else:
-        engine = (teacher if args.backend == "torch" and engine_dtype == dtype else None if which == "naive" else
-                  FLAME2Video(_as_dtype(model, engine_dtype), overlap=overlap, backend=args.backend, **kw))
+        engine = None if which == "naive" else FLAME2Video(_as_dtype(model, engine_dtype), overlap=overlap,
+                                                           backend=args.backend, **kw)
         steps, guidance = args.steps or 4, float(model.config.guidance)
         engine_note = f"teacher, {steps} DDIM steps, guidance batched"
     teacher_t2f, engine_t2f, s1_steps, s1_guidance, s1_note = _stage1(args, dev)
     cfg = model.config
     image_size, fps_model = cfg.image_size, teacher.fps
-    if which == "engine" and engine is not None and engine is not teacher:
+    if which == "engine":
         teacher = model = None  # the engine process keeps only the engine's networks
     ref = DEFAULT_REFERENCE if DEFAULT_REFERENCE.is_file() else (torch.rand(3, cfg.image_size, cfg.image_size) * 2 - 1)
     return dict(dev=dev, dtype=dtype, engine_dtype=engine_dtype, teacher=teacher, engine=engine, t2f=teacher_t2f,
@@ -352,15 +355,15 @@ def run_engine(args, m: dict) -> dict:
                 timings.append(f.timings)
             stats = s.stats
         total = time.perf_counter() - t0
-    first, fps = _rates(arrivals, min(m["window"], len(arrivals)))
     n = len(arrivals)
+    n0 = min(engine.settings.first_window or m["window"], n)  # window 0's frames
+    first, fps = _rates(arrivals, n0)  # steady state: from window 0's last frame on
     stages = engine_stage_costs(engine, m, args)
     if fps:
         stages["other"] = max(0.0, 1.0 / fps - sum(v for k, v in stages.items() if k != "text"))
     mean = lambda name: sum(getattr(t, name) for t in timings) / n  # noqa: E731
     # the first frame's path: prepare, then window 0 (its frames share its stage-1 / render / denoise
     # costs: scaled back to the window), the first frame's decode, and admit -> queued in all
-    n0 = min(engine.settings.first_window or m["window"], n)
     t = timings[0]
     first_parts = dict(prepare_s=t_prep, stage1_s=t.stage1_s * n0, render_s=t.render_s * n0,
                        denoise_s=t.denoise_s * n0, decode_s=t.decode_s, admit_to_queued_s=t.latency_s)

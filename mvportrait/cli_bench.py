@@ -36,7 +36,7 @@ def add_e2e_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "weights are random, else teacher DDIM), consistency, ddim")
     p.add_argument("--first-window", type=int,
                    help="the engine's first stage-2 window in frames (overlap+1 .. the window; default as the "
-                        "stream's: overlap+1): fewer frames, a cheaper first call, the first frame sooner")
+                        "stream's: overlap+1 with one step, else the window): fewer frames, a cheaper first call")
     p.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
                    help="engine: admit the next window while the model call runs, the call on its own CUDA stream "
                         "(auto: off, as prepare's default)")

@@ -384,9 +384,12 @@ def register(sub, train_sub, eval_sub) -> None:
                                              "student's default_steps for a student)")
     s.add_argument("--decoder", default="full", help=DECODER_HELP)
     s.add_argument("--frames", type=int, help="clip length in frames (default the model's window; longer clips "
-                                              "run in overlapping windows, as generate and stream do)")
+                                              "run in overlapping windows, as generate and stream do; at most "
+                                              "what a 100-frame corpus clip holds at the model's rate: 50 at "
+                                              "12.5 fps)")
     s.add_argument("--first-window", type=int, help="frames of window 0 (overlap+1 .. window; default the "
-                                                    "window), as stream --first-window")
+                                                    "window, as generate; stream's default with one step is "
+                                                    "overlap+1)")
     s.add_argument("--guidance", type=float)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")

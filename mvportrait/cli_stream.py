@@ -169,9 +169,9 @@ def register(sub) -> None:
     s.add_argument("--steps", type=int, help="stage-2 steps per window (default: the student's, else 4 DDIM steps)")
     s.add_argument("--stream-batch", type=int, help="windows denoised together at different steps (default: steps)")
     s.add_argument("--first-window", type=int,
-                   help="frames of the first stage-2 window, overlap+1 .. the model's window (default: overlap+1, "
-                        "the cheapest first model call, the first frame soonest; the window: the offline "
-                        "pipeline's layout)")
+                   help="frames of the first stage-2 window, overlap+1 .. the model's window (default with one step: "
+                        "overlap+1, the cheapest first model call, the first frame soonest; with more steps, or "
+                        "given the window: the offline pipeline's layout)")
     s.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
                    help="admit the next window (stage 1, render, noise) while the model call runs, the call on its "
                         "own CUDA stream (auto: off for now; on an H200 +25%% frame sets/s)")

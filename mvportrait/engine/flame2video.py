@@ -16,7 +16,8 @@ Long sequences: windows of ``config.frames`` frames with ``overlap`` frames shar
 starts at ``k * (frames - overlap)`` and its first ``overlap`` frames are fixed to the previous
 window's last latents through the sampler's inpainting hook (``known`` / ``known_mask``), so the
 video continues without a seam. The last window is padded by repeating the last frame's
-conditioning and the padding is dropped.
+conditioning and the padding is dropped. ``generate_from_maps(first_window=W1)`` shortens window 0 to
+``W1`` frames (the later windows start ``frames - W1`` earlier), the streaming engine's layout.
 
 Distilled student: ``FLAME2Video.from_pretrained(student=True)`` (or the path of a student folder,
 e.g. ``mvportrait/weights/stage2_student``) loads the consistency-distilled UNet over its teacher's

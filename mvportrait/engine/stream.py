@@ -21,9 +21,11 @@ Pipeline (one worker thread; stage 1 has its own look-ahead thread, :mod:`.strea
 with the previous window (as :meth:`FLAME2Video.generate_from_maps`): window ``k`` starts at frame
 ``k * H`` (``H = W - O``) and emits its ``H`` new frames (window 0 all ``W``). A shorter first window
 (``prepare(first_window=W1)``, ``O < W1 <= W``) makes the first model call cheaper and the first frame
-sooner: window 0 is frames ``[0, W1)``, window ``k >= 1`` starts at ``k * H - (W - W1)``. The offline
-pipeline takes the same argument (``generate_from_maps(first_window=)``; same noise, so the same frames
-where the default is exact, tested) and ``mvportrait eval stage2 --frames N --first-window W1`` measures it.
+sooner: window 0 is frames ``[0, W1)``, window ``k >= 1`` starts at ``k * H - (W - W1)``. It is the
+default for one-step sampling (``W1 = O + 1``; :meth:`StreamingEngine.prepare`). The offline
+pipeline takes the same argument (``generate_from_maps(first_window=)``, default ``W``; same noise, so
+the same frames where the stream is exact, below) and ``mvportrait eval stage2 --frames N --first-window
+W1`` measures it.
 
 **Stream batch** (StreamDiffusion). Each window needs ``S = steps`` denoising steps. Up to
 ``B = stream_batch`` windows (default ``S``) are in flight at once, each at its own step: every
@@ -48,7 +50,8 @@ start), so the *final* overlap latents equal the predecessor's final latents exa
 offline pipeline; only the intermediate guidance differs. Consequences, tested:
 
 * ``stream_batch=1`` (one window at a time) or ``steps=1`` reproduces
-  :meth:`FLAME2Video.generate_from_maps` (same noise, same constraint); with ``B > 1`` and ``S > 1``
+  :meth:`FLAME2Video.generate_from_maps` with the same ``first_window`` (``settings.first_window``;
+  same noise, same constraint); with ``B > 1`` and ``S > 1``
   the frames are close to it, not equal.
 * The noise of a window is drawn from the stream's generator when the window enters, in window order
   and in the order :meth:`_Sampler.sample` draws it (start latents, overlap noise at the first
@@ -366,7 +369,9 @@ class StreamingEngine:
         ``fast_start``: the first window denoises alone, the stream batch fills from the second one on
         (the first frame comes a batched call sooner; False: windows enter from the first call on).
         ``first_window``: frames of window 0, ``overlap + 1`` .. ``W`` (the model's window); default
-        (None, auto) ``overlap + 1`` with ``fast_start``, else ``W``. A shorter first window is a cheaper
+        (None, auto) ``overlap + 1`` with ``fast_start`` and one step (the students' default), else ``W``
+        (with more steps window 1 needs several calls after window 0, which a long window 0 covers
+        in playback). A shorter first window is a cheaper
         first model call, so the first frame comes sooner (its denoising cost scales with the frames);
         later windows keep ``W`` frames and start ``W - first_window`` frames earlier. Needs
         ``fast_start`` (window 0 is then alone in its calls). What it costs in quality (shipped student,
@@ -396,8 +401,8 @@ class StreamingEngine:
         _check_int("queue_size", queue_size, 1)
         _check_int("stage1_steps", stage1_steps, 1, 1000)
         stream_batch = steps if stream_batch is None else _check_int("stream_batch", stream_batch, 1, steps)
-        if first_window is None:  # auto: the cheapest first call where window 0 runs alone
-            first_window = min(pipe.overlap + 1, pipe.window) if fast_start else pipe.window
+        if first_window is None:  # auto: the cheapest first call, where window 0 runs alone in one call
+            first_window = min(pipe.overlap + 1, pipe.window) if fast_start and steps == 1 else pipe.window
         else:
             _check_int("first_window", first_window, pipe.overlap + 1, pipe.window)
             if first_window < pipe.window and not fast_start:

@@ -60,14 +60,16 @@ def test_short_first_window_layout_and_continuity(engine, ref, monkeypatch, firs
     assert windows[-1][0] + windows[-1][1] >= total
 
 
-def test_default_first_window_is_overlap_plus_one_with_fast_start(engine, ref, monkeypatch):
-    a, calls_a, _ = _run(engine, ref, monkeypatch, steps=2)
+def test_default_first_window_is_overlap_plus_one_for_one_step_with_fast_start(engine, ref, monkeypatch):
+    a, calls_a, _ = _run(engine, ref, monkeypatch, steps=1)
     assert engine.settings.first_window == O + 1
-    b, calls_b, _ = _run(engine, ref, monkeypatch, steps=2, first_window=O + 1)
-    assert calls_a == calls_b and calls_a[:2] == [O + 1] * 2
+    b, calls_b, _ = _run(engine, ref, monkeypatch, steps=1, first_window=O + 1)
+    assert calls_a == calls_b and calls_a[0] == O + 1
     assert all((x.views == y.views).all() for x, y in zip(a, b)) and len(a) == len(b)
-    c, calls_c, _ = _run(engine, ref, monkeypatch, steps=2, fast_start=False)  # windows enter together: W
+    _, calls_c, _ = _run(engine, ref, monkeypatch, steps=1, fast_start=False)  # windows enter together: W
     assert engine.settings.first_window == W and calls_c[0] == W
+    _, calls_d, _ = _run(engine, ref, monkeypatch, steps=2)  # window 1 needs two calls: a full window 0
+    assert engine.settings.first_window == W and calls_d[:2] == [W, W]
 
 
 def test_stream_no_longer_than_the_first_window(engine, ref, monkeypatch):
@@ -127,3 +129,16 @@ def test_offline_first_window_layout_and_checks(engine, ref):
     for bad in (O, W + 1, 2.5, True):
         with pytest.raises(ValueError, match="first_window"):
             pipe.generate_from_maps(ctx, maps, steps=1, first_window=bad)
+
+
+def test_stream_shorter_than_its_first_window_equals_the_offline_pipeline(engine, ref, monkeypatch):
+    """One frame with a 3-frame first window: window 0's conditioning padded (offline and streamed alike),
+    one frame out, the offline frame."""
+    pipe = engine.stage2
+    fp = demo_sequence(seconds=1 / 25)  # 1 frame at the model's rate
+    maps, _ = pipe.render_conditions(fp, "ring-2")
+    assert maps.shape[2] == 1
+    offline = pipe.generate_from_maps(pipe.prepare(ref), maps, steps=1, seed=3, first_window=3)
+    frames, calls, _ = _run(engine, ref, monkeypatch, seconds=1 / 25, first_window=3, steps=1)
+    assert len(frames) == 1 and calls == [3] and offline.shape[0] == 1
+    assert (torch.as_tensor(frames[0].views).int() - offline[0].int()).abs().max() <= 1

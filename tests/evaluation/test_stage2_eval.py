@@ -58,23 +58,38 @@ def test_longer_clips_in_windows_and_their_checks(stage2_micro_run, tmp_path, ca
 
     from mvportrait.cli import main
 
+    import torch
+    from micro import fill_zero_params, micro_stage2_config
+
+    from mvportrait.models.stage2 import FLAME2VideoModel
+
     out, _ = stage2_micro_run
-    pipe = FLAME2Video.from_pretrained(out / "final", overlap=1)  # window 2, overlap 1
-    report, _ = evaluate_stage2(pipe, n=1, steps=1, keep=0, frames=5, first_window=2)
-    assert report["frames"] == 5 and report["first_window"] == 2 and report["window"] == 2
-    assert len(report["psnr_per_frame"]) == 5 and all(0 < x < 60 for x in report["psnr_per_frame"])
-    assert pipe.last_timings.extra["windows"] == 4 and pipe.last_timings.extra["frames"] == 5
+    torch.manual_seed(0)  # a 4-frame window (overlap 1), so a 2-frame window 0 changes the layout
+    pipe = FLAME2Video(fill_zero_params(FLAME2VideoModel(micro_stage2_config(frames=4)).eval()), overlap=1)
+    report, pics = evaluate_stage2(pipe, n=1, steps=1, keep=1, frames=6, first_window=2)
+    assert report["frames"] == 6 and report["first_window"] == 2 and report["window"] == 4
+    assert len(report["psnr_per_frame"]) == 6 and all(0 < x < 60 for x in report["psnr_per_frame"])
+    assert pipe.last_timings.extra["windows"] == 3 and pics[0][1].shape[0] == 6  # 2, then 4-frame windows
+    full, pics_full = evaluate_stage2(pipe, n=1, steps=1, keep=1, frames=6)
+    assert full["first_window"] == 4 and pipe.last_timings.extra["windows"] == 2
+    assert not torch.equal(pics[0][1], pics_full[0][1])
     with pytest.raises(ValueError, match="frames"):
         evaluate_stage2(pipe, n=1, steps=1, frames=0)
 
+    from mvportrait.evaluation import stage2 as ev
+
     load = FLAME2Video.from_pretrained.__func__
     monkeypatch.setattr(FLAME2Video, "from_pretrained", classmethod(lambda cls, *a, **k: load(cls, *a, overlap=1, **k)))
+    calls, real = [], ev.evaluate_stage2
+    monkeypatch.setattr(ev, "evaluate_stage2", lambda *a, **k: (calls.append(k), real(*a, **k))[1])
     args = ["eval", "stage2", "--weights", str(out / "final"), "--n", "1", "--steps", "1", "--threads", "1", "--quiet",
             "--pictures", "0"]
     for bad, word in ((["--frames", "0"], "--frames"), (["--first-window", "3"], "--first-window"),
                       (["--first-window", "1"], "--first-window")):
         assert main(args + ["--out", str(tmp_path / "bad.json")] + bad) == 2
         assert word in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+    assert not calls  # every bad value refused before any clip
     assert main(args + ["--out", str(tmp_path / "r.json"), "--frames", "4", "--first-window", "2"]) == 0
+    assert calls[-1]["frames"] == 4 and calls[-1]["first_window"] == 2  # passed through, not only echoed
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["frames"] == 4 and len(r["psnr_per_frame"]) == 4 and r["first_window"] == 2
