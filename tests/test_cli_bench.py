@@ -96,6 +96,17 @@ def test_bench_e2e_channels_last_and_profile_named_after_out(tmp_path):
     assert (tmp_path / "e2e_micro_cl_profile_cpu.txt").is_file()
 
 
+def test_bench_e2e_ddim_engine_takes_its_own_memory_format(tmp_path):
+    """--sampler ddim: the engine is the teacher network with few DDIM steps, in its own FLAME2Video (so
+    --channels-last reaches it; the naive pipeline's stays NCHW)."""
+    out = tmp_path / "e2e.json"
+    assert main(MICRO + ["--only", "engine", "--sampler", "ddim", "--steps", "1", "--channels-last", "on",
+                         "--out", str(out), "--profile", "none", "--no-isolate"]) == 0
+    rows = json.loads(out.read_text())
+    assert rows and all(r["config"]["channels_last"] is True for r in rows)
+    assert all("DDIM" in r["config"]["engine_model"] for r in rows)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--preset", "huge"], "--preset"),
     (["--views", "0"], "--views"),
