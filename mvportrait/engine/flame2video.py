@@ -333,15 +333,13 @@ class FLAME2Video:
         timings = Stage2Timings()
         _, nv, total = maps.shape[:3]
         w, o = self.window, self.overlap
-        hop = w - o
-        n_windows = 1 if total <= w1 else 1 + math.ceil((total - w1) / hop)
+        n_windows = window_count(total, w, o, w1)
         g = torch.Generator().manual_seed(seed)
         done, total_steps = 0, n_windows * steps
         lat_all = None
         t0 = time.perf_counter()
         for k in range(n_windows):
-            start = 0 if k == 0 else k * hop - (w - w1)  # window 0 has w1 frames, the others w
-            n = w1 if k == 0 else w
+            start, n = window_span(k, w, o, w1)
             shape = self.model.latent_shape(1, views=nv, frames=n)
             sel = torch.clamp(torch.arange(start, start + n), max=total - 1)
             feats = self.model.encode_renders(maps[:, :, sel.to(maps.device)])
@@ -381,6 +379,20 @@ class FLAME2Video:
             img = self.decoder.decode(latents[0, :, f])  # (V, 3, H, W)
             frames.append(((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
         return torch.stack(frames).cpu()
+
+
+def window_span(k: int, window: int, overlap: int, first_window: int | None = None) -> tuple[int, int]:
+    """(first frame, frames) of window ``k``: window 0 has ``first_window`` frames (default ``window``), window
+    ``k >= 1`` has ``window`` and starts ``overlap`` frames before its predecessor ends. One layout for the
+    offline pipeline and the streaming engine."""
+    w1 = window if first_window is None else first_window
+    return (0, w1) if k == 0 else (k * (window - overlap) - (window - w1), window)
+
+
+def window_count(total: int, window: int, overlap: int, first_window: int | None = None) -> int:
+    """Windows (:func:`window_span`) that cover ``total`` frames."""
+    w1 = window if first_window is None else first_window
+    return 1 if total <= w1 else 1 + math.ceil((total - w1) / (window - overlap))
 
 
 def auto_dtype(device="cpu", backend: str | None = "torch") -> torch.dtype:

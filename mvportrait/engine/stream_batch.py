@@ -7,7 +7,6 @@ per-stream state (:class:`StreamState`) and the functions of the worker thread t
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -15,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mvportrait.engine import flame2video
+from mvportrait.engine.flame2video import window_count
 from mvportrait.engine.stream_queue import FrameQueue, StreamStats
 from mvportrait.flame.params import FlameParams
 
@@ -116,11 +117,9 @@ class StreamState:
         self.stats = stats
         self.views = cameras.batch_shape[-1]
         self.W, self.O = pipe.window, pipe.overlap
-        self.H = self.W - self.O
         self.W1 = settings.first_window or self.W  # window 0's length (later windows start W - W1 earlier)
         self.total = settings.frames
-        self.n_windows = None if self.total is None else (
-            1 if self.total <= self.W1 else 1 + math.ceil((self.total - self.W1) / self.H))
+        self.n_windows = None if self.total is None else window_count(self.total, self.W, self.O, self.W1)
         self.pairs = self.sampler.timestep_pairs(settings.steps)
         self.step_draws = [step_draws_noise(self.sampler, p) for _, p in self.pairs]
         self.device, self.dtype = pipe.device, pipe.dtype
@@ -193,7 +192,7 @@ def _cameras_for(st: StreamState, frames: list[int]):
 def window_span(st: StreamState, k: int) -> tuple[int, int]:
     """(first frame, frames) of window ``k``: window 0 has ``W1`` frames (the first window, default ``W``),
     window ``k >= 1`` starts ``O`` frames before its predecessor ends and has ``W``."""
-    return (0, st.W1) if k == 0 else (k * st.H - (st.W - st.W1), st.W)
+    return flame2video.window_span(k, st.W, st.O, st.W1)
 
 
 def _known(st: StreamState, index: int) -> torch.Tensor:

@@ -65,9 +65,10 @@ def evaluate_stage2(pipe, *, n: int = 8, steps: int = 25, guidance: float | None
         frames_total += gen.shape[0]
         gen01 = gen.permute(1, 0, 4, 2, 3).float() / 255.0  # (V, F, 3, H, W)
         gt01 = _to01(s["target"])  # (V, F, 3, H, W)
-        per_view_psnr.append(psnr(gen01, gt01).mean(1))  # (V,)
+        p = psnr(gen01, gt01)  # (V, F)
+        per_view_psnr.append(p.mean(1))
         per_view_ssim.append(ssim(gen01, gt01).mean(1))
-        per_frame_psnr.append(psnr(gen01, gt01).mean(0))  # (F,)
+        per_frame_psnr.append(p.mean(0))
         lat = pipe.model.autoencoder.encode(s["target"].flatten(0, 1).to(pipe.device, pipe.dtype))
         rec = _to01(pipe.model.autoencoder.decode(lat).float().cpu()).reshape(gt01.shape)
         ae_psnr.append(psnr(rec, gt01).mean())
